@@ -1,0 +1,209 @@
+"""The embedded verifiable task: seeded multi-step integer arithmetic ("3+4*5-2"), answer in \\boxed{}.
+
+Rows are {"prompt", "solution", "cot", "id", "difficulty", "kind"}; `cot` is a correct step-by-step
+chain (`<think>4*5=20\\n3+20=23\\n23-2=21</think>\\boxed{21}`) for cold-start SFT. Splits are fixed by a
+hash of the canonical expression, so train, dev and test can never share a problem whatever their sizes.
+Also: "general" (non-reasoning) rows for the stage-3 mixture and the stage-4 alignment prompt mix.
+Neighbours: `r1pipe.data.datasets` serves these as builtin datasets; `r1pipe.rewards` scores them.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import operator
+import random
+import string
+from dataclasses import dataclass
+
+SPLITS = ("train", "dev", "test")
+# Share of the problem space, by hash bucket out of 100, that each split may draw from.
+_SPLIT_BUCKETS = {"test": range(0, 10), "dev": range(10, 15), "train": range(15, 100)}
+
+_OPS = {ast.Add: ("+", operator.add), ast.Sub: ("-", operator.sub), ast.Mult: ("*", operator.mul),
+        ast.FloorDiv: ("/", operator.floordiv)}
+
+
+@dataclass(frozen=True)
+class ArithConfig:
+    """Difficulty knobs. `difficulty` of a row = its number of operations (= reasoning steps)."""
+
+    min_ops: int = 2
+    max_ops: int = 3
+    max_operand: int = 9  # operands drawn from [0, max_operand]
+    ops: str = "+-*"  # any of "+-*/"; "/" only ever divides exactly
+    paren_prob: float = 0.0  # chance of one non-redundant parenthesised group
+    max_value: int = 99  # every intermediate result must satisfy |v| <= max_value
+    allow_negative: bool = False  # allow negative intermediate results
+
+    def __post_init__(self):
+        if not 1 <= self.min_ops <= self.max_ops:
+            raise ValueError(f"ArithConfig: need 1 <= min_ops <= max_ops, got {self.min_ops}, {self.max_ops}")
+        if not self.ops or set(self.ops) - set("+-*/"):
+            raise ValueError(f"ArithConfig.ops must be a non-empty subset of '+-*/', got {self.ops!r}")
+        if self.max_operand < 1 or self.max_value < 1:
+            raise ValueError("ArithConfig.max_operand and max_value must be >= 1")
+        if not 0.0 <= self.paren_prob <= 1.0:
+            raise ValueError(f"ArithConfig.paren_prob must be in [0, 1], got {self.paren_prob}")
+
+
+def split_of(canonical: str) -> str:
+    """The split a problem belongs to, from a stable hash of its canonical text (not Python's hash())."""
+    bucket = int(hashlib.sha256(canonical.encode()).hexdigest()[:8], 16) % 100
+    return next(name for name, buckets in _SPLIT_BUCKETS.items() if bucket in buckets)
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+
+
+def _render(operands: list[int], ops: list[str], group: tuple[int, int] | None) -> str:
+    """Infix text; `group` = (first, last) operand index wrapped in parentheses."""
+    out = []
+    for i, value in enumerate(operands):
+        if i:
+            out.append(ops[i - 1])
+        out.append(("(" if group and i == group[0] else "") + str(value) + (")" if group and i == group[1] else ""))
+    return "".join(out)
+
+
+def solve_steps(expr: str) -> list[tuple[int, str, int, int]]:
+    """Evaluate `expr` one operation at a time in the usual order (innermost/leftmost, * and / first).
+
+    Returns (left, op, right, result) per step. Raises ValueError on anything but integer arithmetic
+    and on division that is not exact (the task's "/" means exact integer division).
+    """
+    steps: list[tuple[int, str, int, int]] = []
+
+    def walk(node: ast.AST) -> int:
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            return node.value
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+            left, right = walk(node.left), walk(node.right)
+            symbol, fn = _OPS[type(node.op)]
+            if symbol == "/" and (right == 0 or left % right):
+                raise ValueError(f"{expr!r}: {left}/{right} is not an exact division")
+            value = fn(left, right)
+            steps.append((left, symbol, right, value))
+            return value
+        raise ValueError(f"{expr!r}: only integers, + - * / and parentheses are allowed")
+
+    # "/" is parsed as floor division so the tree, precedence and associativity are Python's own.
+    walk(ast.parse(expr.replace("/", "//"), mode="eval").body)
+    return steps
+
+
+def canonical(expr: str) -> str:
+    """Minimal-parentheses spelling, so "(3*4)+5" and "3*4+5" are one problem."""
+    return ast.unparse(ast.parse(expr.replace("/", "//"), mode="eval")).replace(" ", "").replace("//", "/")
+
+
+def cot_text(steps: list[tuple[int, str, int, int]]) -> str:
+    """The cold-start chain of thought: one `a op b=c` line per step, then the boxed answer."""
+    lines = "\n".join(f"{a}{op}{b}={c}" for a, op, b, c in steps)
+    return f"<think>{lines}</think>\\boxed{{{steps[-1][3]}}}"
+
+
+def _problem_id(kind: str, canon: str) -> str:
+    return f"{kind}-{hashlib.sha256(canon.encode()).hexdigest()[:12]}"
+
+
+def _draw_expression(rng: random.Random, cfg: ArithConfig) -> str | None:
+    """One candidate expression, or None when it breaks a constraint (the caller draws again)."""
+    n_ops = rng.randint(cfg.min_ops, cfg.max_ops)
+    operands = [rng.randint(0, cfg.max_operand) for _ in range(n_ops + 1)]
+    ops = [rng.choice(cfg.ops) for _ in range(n_ops)]
+    group = None
+    if n_ops >= 2 and rng.random() < cfg.paren_prob:
+        first = rng.randint(0, n_ops - 1)
+        last = rng.randint(first + 1, n_ops)
+        group = None if (first, last) == (0, n_ops) else (first, last)
+    expr = _render(operands, ops, group)
+    if canonical(expr) != expr:  # redundant parentheses: the same problem as one without them
+        return None
+    try:
+        steps = solve_steps(expr)
+    except ValueError:
+        return None
+    for *_, value in steps:
+        if abs(value) > cfg.max_value or (value < 0 and not cfg.allow_negative):
+            return None
+    return expr
+
+
+def arith_row(expr: str) -> dict:
+    """The row for one expression (also used by tests and by anyone with a hand-written problem)."""
+    steps = solve_steps(expr)
+    canon = canonical(expr)
+    return {"prompt": expr, "solution": str(steps[-1][3]), "cot": cot_text(steps),
+            "id": _problem_id("arith", canon), "difficulty": len(steps), "kind": "reasoning"}
+
+
+def _unique_rows(n: int, split: str, seed: int, draw, make_row, what: str) -> list[dict]:
+    """Draw until n distinct problems of `split` are found; fail loudly if the space is too small."""
+    _check_split(split)
+    rng = random.Random(f"{what}:{split}:{seed}")  # str seeds hash with sha512: stable across runs
+    seen: set[str] = set()
+    rows: list[dict] = []
+    for _ in range(200 * n + 10_000):
+        if len(rows) == n:
+            return rows
+        text = draw(rng)
+        if text is None or text in seen or split_of(text) != split:
+            continue
+        seen.add(text)
+        rows.append(make_row(text))
+    if len(rows) == n:
+        return rows
+    raise ValueError(f"{what}: found only {len(rows)} distinct {split} problems, asked for {n}; "
+                     "widen the config (max_ops, max_operand, ops, max_value) or ask for fewer")
+
+
+def arith_rows(n: int, split: str = "train", seed: int = 0, config: ArithConfig = ArithConfig()) -> list[dict]:
+    """n distinct arithmetic rows of `split`, deterministic in (n, split, seed, config)."""
+    return _unique_rows(n, split, seed, lambda rng: _draw_expression(rng, config), arith_row, "arith")
+
+
+# --- non-reasoning rows (stage-3 mixture) and the stage-4 alignment mix ---------------------------
+
+# Simple string tasks with one right answer: the tiny stand-in for R1's writing / QA / translation data.
+GENERAL_TASKS = {
+    "copy": lambda w: w,
+    "reverse": lambda w: w[::-1],
+    "upper": lambda w: w.upper(),
+    "first": lambda w: w[0],
+    "last": lambda w: w[-1],
+}
+
+
+def _draw_general(rng: random.Random) -> str:
+    word = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 6)))
+    return f"{rng.choice(sorted(GENERAL_TASKS))}: {word}"
+
+
+def general_row(prompt: str) -> dict:
+    """A non-reasoning row: R1 gives simple queries no chain of thought, so the think block is empty."""
+    task, _, word = prompt.partition(": ")
+    if task not in GENERAL_TASKS or not word:
+        raise ValueError(f"general prompt {prompt!r}: expected '<task>: <word>' with task in {sorted(GENERAL_TASKS)}")
+    answer = GENERAL_TASKS[task](word)
+    return {"prompt": prompt, "solution": answer, "cot": f"<think></think>{answer}",
+            "id": _problem_id("general", prompt), "difficulty": 0, "kind": "general"}
+
+
+def general_rows(n: int, split: str = "train", seed: int = 0) -> list[dict]:
+    """n distinct non-reasoning rows of `split` (same hash split rule as the arithmetic rows)."""
+    return _unique_rows(n, split, seed, _draw_general, general_row, "general")
+
+
+def alignment_rows(n: int, split: str = "train", seed: int = 0, general_fraction: float = 0.25,
+                   config: ArithConfig = ArithConfig()) -> list[dict]:
+    """Stage-4 prompts: rule-verifiable arithmetic ("reasoning") mixed with "general" prompts, shuffled."""
+    if not 0.0 <= general_fraction <= 1.0:
+        raise ValueError(f"general_fraction must be in [0, 1], got {general_fraction}")
+    n_general = round(n * general_fraction)
+    # Other seeds than the stage-1/2 sets of the same seed, so stage 4 brings new prompts.
+    rows = arith_rows(n - n_general, split, seed + 1_000_003, config) + general_rows(n_general, split, seed + 1_000_003)
+    random.Random(f"align:{split}:{seed}").shuffle(rows)
+    return rows

@@ -1,0 +1,134 @@
+"""Multi-head Latent Attention (spec section 5), plus the attention-mask builder it uses.
+
+Keys and values are expanded from the shared latent c^KV (kv_lora_rank) and a single rope key k^R shared by
+all heads; attention runs through `scaled_dot_product_attention`. The decode cache (`LatentCache`) keeps only
+c^KV and k^R per token, as MLA inference does. Neighbours: rope.py (positions), transformer.py (the block).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from r1pipe.model.config import DeepSeekConfig
+from r1pipe.model.rope import apply_rope_interleaved, softmax_scale
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32, cast back before the weight (transformers' DeepseekV3RMSNorm order)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class LatentCache:
+    """Per-layer decode cache of (normalised c^KV [B,1,S,d_c], roped k^R [B,1,S,d_rope]), plus the key mask."""
+
+    def __init__(self, num_layers: int):
+        self.latent: list[torch.Tensor | None] = [None] * num_layers
+        self.rope_key: list[torch.Tensor | None] = [None] * num_layers
+        self.key_mask: torch.Tensor | None = None  # [B, S] bool, True where a real token sits
+
+    @property
+    def length(self) -> int:
+        return 0 if self.latent[0] is None else self.latent[0].shape[2]
+
+    def update(self, layer: int, latent: torch.Tensor, rope_key: torch.Tensor):
+        if self.latent[layer] is not None:
+            latent = torch.cat([self.latent[layer], latent], dim=2)
+            rope_key = torch.cat([self.rope_key[layer], rope_key], dim=2)
+        self.latent[layer], self.rope_key[layer] = latent, rope_key
+        return latent, rope_key
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep only batch rows `index` (finished sequences leave the batch)."""
+        self.latent = [t.index_select(0, index) if t is not None else None for t in self.latent]
+        self.rope_key = [t.index_select(0, index) if t is not None else None for t in self.rope_key]
+        if self.key_mask is not None:
+            self.key_mask = self.key_mask.index_select(0, index)
+
+
+def build_attention_mask(
+    position_ids: torch.Tensor, key_mask: torch.Tensor | None, past_length: int = 0
+) -> torch.Tensor | None:
+    """Boolean SDPA mask [B,1,Tq,Tk]: causal, never across packed sequences, never onto padding.
+
+    Packed rows are recognised the way flash-attention's varlen path does: a position id that does not
+    continue the previous one (a reset to 0) starts a new sequence. Returns None when plain causal suffices.
+    """
+    batch, tq = position_ids.shape
+    tk = past_length + tq
+    device = position_ids.device
+    packed = tq > 1 and past_length == 0 and bool((position_ids[:, 1:] != position_ids[:, :-1] + 1).any())
+    if not packed and key_mask is None and past_length == 0:
+        return None
+    q_index = torch.arange(past_length, tk, device=device)
+    k_index = torch.arange(tk, device=device)
+    mask = (k_index[None, :] <= q_index[:, None]).expand(batch, tq, tk)
+    if packed:
+        starts = torch.ones_like(position_ids, dtype=torch.bool)
+        starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+        segment = starts.cumsum(-1)
+        mask = mask & (segment[:, :, None] == segment[:, None, :])
+    if key_mask is not None:
+        mask = mask & key_mask[:, None, :].bool()
+    # A query on padding would see no key at all and turn softmax into NaN; let it see itself.
+    mask = mask | (k_index[None, None, :] == q_index[None, :, None])
+    return mask[:, None]
+
+
+class MultiHeadLatentAttention(nn.Module):
+    """MLA block; parameter names are the checkpoint's (`q_a_proj`, `kv_a_proj_with_mqa`, `kv_b_proj`, ...).
+
+    Attributes: q_proj (no q compression) or q_a_proj/q_a_layernorm/q_b_proj; kv_a_proj_with_mqa (h -> [c^KV; k^R]);
+    kv_a_layernorm; kv_b_proj (c^KV -> per-head [k^C; v]); o_proj.
+    """
+
+    def __init__(self, config: DeepSeekConfig, layer_idx: int):
+        super().__init__()
+        c = config
+        self.layer_idx = layer_idx
+        self.num_heads = c.num_attention_heads
+        self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
+        self.kv_lora_rank = c.kv_lora_rank
+        self.q_lora_rank = c.q_lora_rank
+        q_out = self.num_heads * c.qk_head_dim
+        if c.q_lora_rank is None:
+            self.q_proj = nn.Linear(c.hidden_size, q_out, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(c.hidden_size, c.q_lora_rank, bias=c.attention_bias)
+            self.q_a_layernorm = RMSNorm(c.q_lora_rank)
+            self.q_b_proj = nn.Linear(c.q_lora_rank, q_out, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim, bias=c.attention_bias)
+        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank)
+        self.kv_b_proj = nn.Linear(c.kv_lora_rank, self.num_heads * (c.qk_nope_head_dim + c.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(self.num_heads * c.v_head_dim, c.hidden_size, bias=c.attention_bias)
+        self.scale = softmax_scale(c)
+
+    def forward(self, h, cos, sin, attn_mask=None, cache: LatentCache | None = None):
+        b, t, _ = h.shape
+        q = self.q_proj(h) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(h)))
+        q = q.view(b, t, self.num_heads, -1).transpose(1, 2)
+        q_nope, q_rope = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        latent, k_rope = self.kv_a_proj_with_mqa(h).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        latent = self.kv_a_layernorm(latent).view(b, 1, t, self.kv_lora_rank)
+        k_rope = apply_rope_interleaved(k_rope.view(b, 1, t, self.qk_rope_head_dim), cos, sin)
+        q_rope = apply_rope_interleaved(q_rope, cos, sin)
+        if cache is not None:
+            latent, k_rope = cache.update(self.layer_idx, latent, k_rope)
+        s = latent.shape[2]
+        kv = self.kv_b_proj(latent).view(b, s, self.num_heads, -1).transpose(1, 2)
+        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        k = torch.cat([k_nope, k_rope.expand(-1, self.num_heads, -1, -1)], dim=-1)
+        q = torch.cat([q_nope, q_rope], dim=-1)
+        is_causal = attn_mask is None and t > 1  # build_attention_mask returns None only for plain causal
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
