@@ -22,6 +22,8 @@ _SPLIT_BUCKETS = {"test": range(0, 10), "dev": range(10, 15), "train": range(15,
 
 _OPS = {ast.Add: ("+", operator.add), ast.Sub: ("-", operator.sub), ast.Mult: ("*", operator.mul),
         ast.FloorDiv: ("/", operator.floordiv)}
+# Consecutive draws without a new valid problem after which the problem space counts as exhausted.
+_GIVE_UP_AFTER_MISSES = 20_000
 
 
 @dataclass(frozen=True)
@@ -109,8 +111,8 @@ def _problem_id(kind: str, canon: str) -> str:
     return f"{kind}-{hashlib.sha256(canon.encode()).hexdigest()[:12]}"
 
 
-def _draw_expression(rng: random.Random, cfg: ArithConfig) -> str | None:
-    """One candidate expression, or None when it breaks a constraint (the caller draws again)."""
+def _draw_expression(rng: random.Random, cfg: ArithConfig) -> str:
+    """One candidate expression text; `_arith_row_or_none` decides whether it is a valid problem."""
     n_ops = rng.randint(cfg.min_ops, cfg.max_ops)
     operands = [rng.randint(0, cfg.max_operand) for _ in range(n_ops + 1)]
     ops = [rng.choice(cfg.ops) for _ in range(n_ops)]
@@ -119,8 +121,12 @@ def _draw_expression(rng: random.Random, cfg: ArithConfig) -> str | None:
         first = rng.randint(0, n_ops - 1)
         last = rng.randint(first + 1, n_ops)
         group = None if (first, last) == (0, n_ops) else (first, last)
-    expr = _render(operands, ops, group)
-    if canonical(expr) != expr:  # redundant parentheses: the same problem as one without them
+    return _render(operands, ops, group)
+
+
+def _arith_row_or_none(expr: str, cfg: ArithConfig) -> dict | None:
+    """The row for a drawn expression, or None when it breaks a constraint (the caller draws again)."""
+    if "(" in expr and canonical(expr) != expr:  # redundant parentheses: same problem as without them
         return None
     try:
         steps = solve_steps(expr)
@@ -129,40 +135,53 @@ def _draw_expression(rng: random.Random, cfg: ArithConfig) -> str | None:
     for *_, value in steps:
         if abs(value) > cfg.max_value or (value < 0 and not cfg.allow_negative):
             return None
-    return expr
+    return _row_from_steps(expr, steps)
 
 
 def arith_row(expr: str) -> dict:
     """The row for one expression (also used by tests and by anyone with a hand-written problem)."""
-    steps = solve_steps(expr)
-    canon = canonical(expr)
-    return {"prompt": expr, "solution": str(steps[-1][3]), "cot": cot_text(steps),
+    return _row_from_steps(canonical(expr), solve_steps(expr))
+
+
+def _row_from_steps(canon: str, steps: list[tuple[int, str, int, int]]) -> dict:
+    return {"prompt": canon, "solution": str(steps[-1][3]), "cot": cot_text(steps),
             "id": _problem_id("arith", canon), "difficulty": len(steps), "kind": "reasoning"}
 
 
 def _unique_rows(n: int, split: str, seed: int, draw, make_row, what: str) -> list[dict]:
-    """Draw until n distinct problems of `split` are found; fail loudly if the space is too small."""
+    """Draw until n distinct valid problems of `split` are found; fail loudly if the space runs out.
+
+    make_row(text) returns the row or None for an invalid draw. The split test runs first because
+    it is a cheap hash and rejects most draws for the small splits.
+    """
     _check_split(split)
     rng = random.Random(f"{what}:{split}:{seed}")  # str seeds hash with sha512: stable across runs
     seen: set[str] = set()
     rows: list[dict] = []
-    for _ in range(200 * n + 10_000):
-        if len(rows) == n:
-            return rows
+    misses = 0
+    while len(rows) < n:
         text = draw(rng)
-        if text is None or text in seen or split_of(text) != split:
+        row = None
+        if text not in seen:
+            seen.add(text)
+            if split_of(text) == split:
+                row = make_row(text)
+        if row is None:
+            misses += 1
+            if misses > _GIVE_UP_AFTER_MISSES:
+                raise ValueError(
+                    f"{what}: found only {len(rows)} distinct {split} problems, asked for {n}; widen the "
+                    "config (max_ops, max_operand, ops, max_value, allow_negative) or ask for fewer")
             continue
-        seen.add(text)
-        rows.append(make_row(text))
-    if len(rows) == n:
-        return rows
-    raise ValueError(f"{what}: found only {len(rows)} distinct {split} problems, asked for {n}; "
-                     "widen the config (max_ops, max_operand, ops, max_value) or ask for fewer")
+        misses = 0
+        rows.append(row)
+    return rows
 
 
 def arith_rows(n: int, split: str = "train", seed: int = 0, config: ArithConfig = ArithConfig()) -> list[dict]:
     """n distinct arithmetic rows of `split`, deterministic in (n, split, seed, config)."""
-    return _unique_rows(n, split, seed, lambda rng: _draw_expression(rng, config), arith_row, "arith")
+    return _unique_rows(n, split, seed, lambda rng: _draw_expression(rng, config),
+                        lambda text: _arith_row_or_none(text, config), "arith")
 
 
 # --- non-reasoning rows (stage-3 mixture) and the stage-4 alignment mix ---------------------------

@@ -56,6 +56,39 @@ class LatentCache:
             self.key_mask = self.key_mask.index_select(0, index)
 
 
+class PackedSegments:
+    """Packed sequences as a padded view for attention: `index` [n, Lmax] into the flattened [B*T] tokens,
+    `valid` [n, Lmax]. Attention then costs Σ len² instead of (B·T)² with a block-diagonal mask."""
+
+    def __init__(self, position_ids: torch.Tensor):
+        flat = position_ids.reshape(-1)
+        starts = torch.ones_like(flat, dtype=torch.bool)
+        starts[1:] = flat[1:] != flat[:-1] + 1
+        row_starts = torch.zeros_like(starts)
+        row_starts[:: position_ids.shape[1]] = True
+        starts |= row_starts  # a new row always starts a new sequence
+        begin = starts.nonzero().squeeze(1)
+        lengths = torch.diff(torch.cat([begin, begin.new_tensor([flat.numel()])]))
+        width = int(lengths.max())
+        offsets = torch.arange(width, device=flat.device)
+        self.valid = offsets[None, :] < lengths[:, None]
+        self.index = (begin[:, None] + offsets[None, :]).clamp(max=flat.numel() - 1)
+        causal = offsets[None, :] <= offsets[:, None]
+        self.mask = (causal[None] & self.valid[:, None, :])[:, None]  # [n, 1, Lmax, Lmax]
+
+    def attend(self, q, k, v, scale: float) -> torch.Tensor:
+        """q, k, v [B, heads, T, d] -> attention output [B, T, heads*dv] within each sequence."""
+        b, heads, t, _ = q.shape
+
+        def to_segments(x):
+            flat = x.transpose(1, 2).reshape(b * t, heads, x.shape[-1])
+            return flat[self.index].transpose(1, 2)  # [n, heads, Lmax, d]
+
+        out = F.scaled_dot_product_attention(to_segments(q), to_segments(k), to_segments(v), attn_mask=self.mask, scale=scale)
+        out = out.transpose(1, 2)[self.valid]  # [B*T, heads, dv], in token order
+        return out.reshape(b, t, -1)
+
+
 def build_attention_mask(
     position_ids: torch.Tensor, key_mask: torch.Tensor | None, past_length: int = 0
 ) -> torch.Tensor | None:
@@ -70,6 +103,8 @@ def build_attention_mask(
     packed = tq > 1 and past_length == 0 and bool((position_ids[:, 1:] != position_ids[:, :-1] + 1).any())
     if not packed and key_mask is None and past_length == 0:
         return None
+    if packed and key_mask is None:
+        return PackedSegments(position_ids)
     q_index = torch.arange(past_length, tk, device=device)
     k_index = torch.arange(tk, device=device)
     mask = (k_index[None, :] <= q_index[:, None]).expand(batch, tq, tk)
@@ -129,6 +164,8 @@ class MultiHeadLatentAttention(nn.Module):
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         k = torch.cat([k_nope, k_rope.expand(-1, self.num_heads, -1, -1)], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1)
+        if isinstance(attn_mask, PackedSegments):
+            return self.o_proj(attn_mask.attend(q, k, v, self.scale))
         is_causal = attn_mask is None and t > 1  # build_attention_mask returns None only for plain causal
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))

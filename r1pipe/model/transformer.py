@@ -104,26 +104,27 @@ class DeepSeekPolicy(nn.Module):
                 h = layer(h, cos, sin, attn_mask, cache, token_mask)
         return self.model.norm(h)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None) -> CausalLMOutput:
-        hidden = self.hidden_states(input_ids, attention_mask, position_ids, cache)
-        return CausalLMOutput(logits=self.lm_head(hidden), hidden_states=hidden)
-
-    def token_logprobs(
+    def forward(
         self,
-        input_ids: torch.Tensor,
-        targets: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
+        input_ids,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        targets: torch.Tensor | None = None,
         temperature: float = 1.0,
         return_entropy: bool = False,
     ):
-        """log π(targets | prefix) per position [B, T] (and entropy), through the fused log-prob kernel.
+        """Logits (a `CausalLMOutput`), or with `targets` the per-token log-probs [B, T] (and entropy).
 
-        targets[b, t] is the token that follows position t (use -100 where no log-prob is wanted).
+        targets[b, t] is the token that follows position t (-100 where no log-prob is wanted). That path
+        goes through the fused log-prob kernel and never materialises [tokens x vocab] logits; it lives in
+        forward so that DDP/FSDP wrappers see it.
         """
+        hidden = self.hidden_states(input_ids, attention_mask, position_ids, cache)
+        if targets is None:
+            return CausalLMOutput(logits=self.lm_head(hidden), hidden_states=hidden)
         from r1pipe.kernels import fused_linear_logprobs
 
-        hidden = self.hidden_states(input_ids, attention_mask, position_ids)
         b, t, h = hidden.shape
         out = fused_linear_logprobs(
             hidden.reshape(b * t, h), self.lm_head.weight, targets.reshape(-1),
@@ -132,6 +133,10 @@ class DeepSeekPolicy(nn.Module):
         if return_entropy:
             return out[0].view(b, t), out[1].view(b, t)
         return out.view(b, t)
+
+    def token_logprobs(self, input_ids, targets, attention_mask=None, position_ids=None, temperature=1.0, return_entropy=False):
+        """Per-token log π(targets) (see forward)."""
+        return self(input_ids, attention_mask, position_ids, targets=targets, temperature=temperature, return_entropy=return_entropy)
 
     # ---- MoE balancing ----------------------------------------------------------------------------
 

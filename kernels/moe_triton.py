@@ -1,0 +1,212 @@
+"""Triton path of the fused MoE layer: tile configs, kernel launchers and the autograd Function.
+
+Forward keeps only x, the gate/up pre-activations [TK, 2I] and the routing (moe_routing.py); backward
+rebuilds h from them. Kernels live in moe_kernels.py; moe.py dispatches here on CUDA.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from r1pipe.kernels import moe_kernels as K
+from r1pipe.kernels.moe_routing import Routing, route
+
+# Read once, as Triton does when it decorates the kernels at import.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Tests set this: kernel outputs start as NaN, so an element no program wrote cannot pass as zero.
+POISON_OUTPUTS = False
+
+
+def _empty(*shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
+    t = torch.empty(*shape, device=like.device, dtype=dtype or like.dtype)
+    return t.fill_(float("nan")) if POISON_OUTPUTS else t
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def launch(self) -> dict:
+        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k,
+                    GROUP_M=self.group_m, num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+# Kernel names: gate_up (fwd 1), down (fwd 2), down_bwd, dx, dw (both weight gradients).
+KERNELS = ("gate_up", "down", "down_bwd", "dx", "dw")
+_overrides: dict[str, TileConfig] = {}
+
+
+def set_tile_configs(configs: dict[str, TileConfig] | None) -> None:
+    """Pin tile configs by kernel name (benchmark sweeps, tests); None restores the heuristics."""
+    _overrides.clear()
+    if configs:
+        unknown = set(configs) - set(KERNELS)
+        if unknown:
+            raise ValueError(f"unknown MoE kernel names {sorted(unknown)}; expected some of {KERNELS}")
+        _overrides.update(configs)
+
+
+def tile_config(kernel: str, rows_per_expert: float, dtype: torch.dtype) -> TileConfig:
+    if kernel in _overrides:
+        return _overrides[kernel]
+    if _INTERPRET:  # each program is slow there: few, but still several tiles and masked edges
+        if kernel == "dw":
+            return TileConfig(32, 32, 16, group_m=2, num_warps=1, num_stages=1)
+        return TileConfig(16, 32, 32, group_m=2, num_warps=1, num_stages=1)
+    if dtype == torch.float32:  # exact fp32 runs on FMA units: small tiles, little shared memory
+        return TileConfig(64, 64, 32, num_warps=4, num_stages=2)
+    if kernel == "dw":
+        return TileConfig(128, 128, 64, num_warps=8, num_stages=3)
+    # few rows per expert (small batches): short M-tiles waste less on padding, the run is
+    # bound by reading the expert weights
+    block_m = 128 if rows_per_expert >= 768 else 64 if rows_per_expert >= 96 else 32
+    if kernel in ("gate_up", "down_bwd"):
+        return TileConfig(block_m, 128, 64, num_warps=8 if block_m == 128 else 4, num_stages=3)
+    return TileConfig(block_m, 128, 64, num_warps=8 if block_m == 128 else 4, num_stages=4)
+
+
+def _common(x: torch.Tensor) -> dict:
+    return dict(UPCAST=_INTERPRET and x.dtype != torch.float32, IEEE=x.dtype == torch.float32)
+
+
+def gate_up_swiglu(x, gate_up_proj, r: Routing, save_gu: bool):
+    """h [TK, I] = silu(gate) * up per sorted row; gu [TK, 2I] = (gate, up) pre-activations if save_gu."""
+    E, two_i, H = gate_up_proj.shape
+    I = two_i // 2
+    cfg = tile_config("gate_up", r.num_pairs / E, x.dtype)
+    h = _empty(r.num_pairs, I, like=x)
+    gu = _empty(r.num_pairs, two_i, like=x) if save_gu else h
+    tile_expert, tile_start = r.tiles(cfg.block_m)
+    num_tiles = tile_expert.numel()
+    grid = (num_tiles * triton.cdiv(I, cfg.block_n),)
+    K.gate_up_swiglu_kernel[grid](
+        x, gate_up_proj, h, gu, r.sorted_token, tile_expert, tile_start, r.expert_offsets,
+        num_tiles, E, H, I, x.stride(0), *gate_up_proj.stride(),
+        SAVE_GU=save_gu, EVEN_K=H % cfg.block_k == 0, **_common(x), **cfg.launch())
+    return h, (gu if save_gu else None)
+
+
+def rows_matmul(a, w, w_strides_enk, n: int, r: Routing, scale, kernel: str):
+    """out [TK, n] in pair order: out[pair[r]] = scale[pair[r]] * a[r] @ W_e; W_e[k, j] = w[e] at strides."""
+    E = w.shape[0]
+    kd = a.shape[1]
+    cfg = tile_config(kernel, r.num_pairs / E, a.dtype)
+    out = _empty(r.num_pairs, n, like=a)
+    tile_expert, tile_start = r.tiles(cfg.block_m)
+    num_tiles = tile_expert.numel()
+    grid = (num_tiles * triton.cdiv(n, cfg.block_n),)
+    K.rows_matmul_kernel[grid](
+        a, w, out, scale if scale is not None else a, r.sorted_pair, tile_expert, tile_start,
+        r.expert_offsets, num_tiles, E, n, kd, *w_strides_enk,
+        HAS_SCALE=scale is not None, EVEN_K=kd % cfg.block_k == 0, **_common(a), **cfg.launch())
+    return out
+
+
+def down_backward(dout, down_proj, gu, topk_weights_flat, r: Routing, dgu_out):
+    """dgu [TK, 2I] (written into dgu_out, which may be gu itself), hw = w*h [TK, I], dw partials."""
+    E, H, I = down_proj.shape
+    cfg = tile_config("down_bwd", r.num_pairs / E, dout.dtype)
+    num_n = triton.cdiv(I, cfg.block_n)
+    hw = _empty(r.num_pairs, I, like=dout)
+    dw_part = _empty(num_n, r.num_pairs, like=dout, dtype=torch.float32)
+    tile_expert, tile_start = r.tiles(cfg.block_m)
+    num_tiles = tile_expert.numel()
+    # W_d[e] is [H, I]; dA = dout @ W_d[e]: k runs over H (stride I), n over I (stride 1)
+    K.down_backward_kernel[(num_tiles * num_n,)](
+        dout, down_proj, gu, topk_weights_flat, dgu_out, hw, dw_part,
+        r.sorted_token, r.sorted_pair, tile_expert, tile_start, r.expert_offsets,
+        num_tiles, E, H, I, r.num_pairs, dout.stride(0),
+        down_proj.stride(0), down_proj.stride(2), down_proj.stride(1),
+        EVEN_K=H % cfg.block_k == 0, **_common(dout), **cfg.launch())
+    return dgu_out, hw, dw_part
+
+
+def expert_weight_grad(a, a_gather: bool, b, b_gather: bool, r: Routing, num_experts: int):
+    """[E, M, N]: per expert, the sum over its rows of A[row]^T B[row] (gathered rows use the token)."""
+    M, N = a.shape[1], b.shape[1]
+    cfg = tile_config("dw", r.num_pairs / num_experts, a.dtype)
+    out = _empty(num_experts, M, N, like=a)
+    grid = (num_experts * triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
+    K.expert_weight_grad_kernel[grid](
+        a, b, out, r.sorted_token, r.expert_offsets, M, N, a.stride(0), b.stride(0),
+        A_GATHER=a_gather, B_GATHER=b_gather, **_common(a), **cfg.launch())
+    return out
+
+
+def _sum_slots(pairs: torch.Tensor, r: Routing) -> torch.Tensor:
+    # [TK, H] in pair order -> [T, H]; torch's reduction accumulates bf16 in fp32
+    return pairs.view(r.num_tokens, r.top_k, -1).sum(dim=1)
+
+
+class FusedMoEFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, gate_up_proj, down_proj, topk_ids, topk_weights):
+        T, H = x.shape
+        E = gate_up_proj.shape[0]
+        ctx.empty = T * topk_ids.shape[1] == 0
+        if ctx.empty:
+            ctx.save_for_backward(x, gate_up_proj, down_proj, topk_weights)
+            return x.new_zeros(T, H)
+        x = x.contiguous()
+        topk_w = topk_weights.contiguous().view(-1)
+        r = route(topk_ids, E)
+        save = any(ctx.needs_input_grad)
+        h, gu = gate_up_swiglu(x, gate_up_proj, r, save_gu=save)
+        # W_d[e] is [H, I]; y = h @ W_d[e]^T: k runs over I (stride 1), n over H (stride I)
+        y = rows_matmul(h, down_proj, (down_proj.stride(0), down_proj.stride(1), down_proj.stride(2)),
+                        H, r, topk_w, "down")
+        del h
+        out = _sum_slots(y, r)
+        if save:
+            ctx.routing = r
+            ctx.backward_done = False
+            ctx.save_for_backward(x, gate_up_proj, down_proj, topk_weights, gu)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        need_x, need_gu, need_d, _, need_w = ctx.needs_input_grad
+        if ctx.empty:
+            x, gate_up_proj, down_proj, topk_weights = ctx.saved_tensors
+            return (torch.zeros_like(x) if need_x else None,
+                    torch.zeros_like(gate_up_proj) if need_gu else None,
+                    torch.zeros_like(down_proj) if need_d else None, None,
+                    torch.zeros_like(topk_weights) if need_w else None)
+        if ctx.backward_done:
+            raise RuntimeError("fused_moe: backward through the same forward ran twice; its saved "
+                               "gate/up pre-activations are overwritten by the first (memory). Run "
+                               "the forward again, or use r1pipe.kernels.moe_reference for retain_graph.")
+        ctx.backward_done = True
+        x, gate_up_proj, down_proj, topk_weights, gu = ctx.saved_tensors
+        r: Routing = ctx.routing
+        E = gate_up_proj.shape[0]
+        dout = dout.contiguous()
+        # dgu overwrites gu in place: each element is read, then written, by one program only
+        dgu, hw, dw_part = down_backward(dout, down_proj, gu, topk_weights.contiguous().view(-1), r, gu)
+        dx = d_gate_up = d_down = d_topk = None
+        if need_w:
+            d_flat = _empty(r.num_pairs, like=dout, dtype=torch.float32)
+            d_flat[r.sorted_pair.long()] = dw_part.sum(dim=0)
+            d_topk = d_flat.view_as(topk_weights).to(topk_weights.dtype)
+        if need_x:
+            # W_gu[e] is [2I, H]; dx = dgu @ W_gu[e]: k runs over 2I (stride H), n over H (stride 1)
+            strides = (gate_up_proj.stride(0), gate_up_proj.stride(2), gate_up_proj.stride(1))
+            dx = _sum_slots(rows_matmul(dgu, gate_up_proj, strides, x.shape[1], r, None, "dx"), r)
+        if need_gu:
+            d_gate_up = expert_weight_grad(dgu, False, x, True, r, E)
+        if need_d:
+            d_down = expert_weight_grad(dout, True, hw, False, r, E)
+        return dx, d_gate_up, d_down, None, d_topk
+
+
+def fused_moe_triton(x, gate_up_proj, down_proj, topk_ids, topk_weights):
+    return FusedMoEFunction.apply(x, gate_up_proj.contiguous(), down_proj.contiguous(),
+                                  topk_ids, topk_weights)

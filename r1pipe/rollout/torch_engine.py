@@ -1,0 +1,90 @@
+"""Rollouts with plain torch: batched sampling with the policy's MLA latent KV cache. Same interface as the
+vLLM engine (`generate` -> `Rollouts`, `sync_weights`); used where vLLM is absent (the GPU machine here) and
+as a second opinion in tests. It samples from the live policy, so there is nothing to sync.
+
+Each sample draws from its own generator seeded by `sample_seed(seed, prompt, sample)`, so a sample does
+not depend on which other samples share its batch, and a resumed step samples what the original did.
+"""
+from __future__ import annotations
+
+import torch
+
+from r1pipe.model.mla import LatentCache
+from r1pipe.rollout.types import Rollouts, sample_seed
+
+
+class TorchRolloutEngine:
+    def __init__(self, policy, pad_token_id: int = 0, max_batch: int = 256):
+        self.policy = policy
+        self.pad_token_id = pad_token_id
+        self.max_batch = max_batch
+
+    def sync_weights(self, named_tensors=None) -> float:
+        return 0.0  # generation reads the trainer's own parameters
+
+    @torch.no_grad()
+    def generate(self, prompt_token_ids, n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
+                 max_tokens: int = 64, stop_token_ids=(), seed: int = 0) -> Rollouts:
+        jobs = [(p, k) for p in range(len(prompt_token_ids)) for k in range(n)]
+        results = {}
+        for start in range(0, len(jobs), self.max_batch):
+            chunk = jobs[start : start + self.max_batch]
+            out = self._generate_batch([prompt_token_ids[p] for p, _ in chunk],
+                                       [sample_seed(seed, p, k) for p, k in chunk],
+                                       temperature, top_p, max_tokens, set(stop_token_ids))
+            results.update(zip(chunk, out))
+        ordered = [results[j] for j in jobs]
+        return Rollouts(
+            prompt_token_ids=[list(p) for p in prompt_token_ids],
+            prompt_index=[p for p, _ in jobs],
+            sample_index=[k for _, k in jobs],
+            completion_ids=[o[0] for o in ordered],
+            logprobs=[o[1] for o in ordered],
+            finish_reason=[o[2] for o in ordered],
+            seeds=[sample_seed(seed, p, k) for p, k in jobs],
+        )
+
+    def _generate_batch(self, prompts, seeds, temperature, top_p, max_tokens, stop_ids):
+        policy = self.policy
+        was_training = policy.training
+        policy.eval()
+        device = next(policy.parameters()).device
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long, device=device)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):  # left padding: every row's next token lands in the last column
+            ids[i, width - len(p):] = torch.tensor(p, device=device)
+            mask[i, width - len(p):] = 1
+        generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        cache = LatentCache(policy.config.num_hidden_layers)
+        done = [False] * len(prompts)
+        out_ids = [[] for _ in prompts]
+        out_lps = [[] for _ in prompts]
+        logits = policy(ids, attention_mask=mask, cache=cache).logits[:, -1].float()
+        for _ in range(max_tokens):
+            logp = torch.log_softmax(logits, dim=-1)  # the raw distribution: what vLLM reports too
+            probs = torch.softmax(logits / temperature, dim=-1) if temperature > 0 else None
+            if probs is not None and top_p < 1.0:
+                probs = _top_p(probs, top_p)
+            next_tokens = []
+            for i in range(len(prompts)):
+                tok = int(torch.multinomial(probs[i], 1, generator=generators[i])) if probs is not None else int(logits[i].argmax())
+                next_tokens.append(tok)
+                if not done[i]:
+                    out_ids[i].append(tok)
+                    out_lps[i].append(float(logp[i, tok]))
+                    done[i] = tok in stop_ids
+            if all(done):
+                break
+            step = torch.tensor(next_tokens, device=device)[:, None]
+            logits = policy(step, attention_mask=torch.ones_like(step), cache=cache).logits[:, -1].float()
+        policy.train(was_training)
+        reasons = ["stop" if out_ids[i] and out_ids[i][-1] in stop_ids else "length" for i in range(len(prompts))]
+        return list(zip(out_ids, out_lps, reasons))
+
+
+def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    drop = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest prefix reaching top_p
+    sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+    return torch.zeros_like(probs).scatter(-1, order, sorted_probs)

@@ -1,0 +1,1 @@
+"""One module per pipeline stage (sft, grpo, reject, align); each exposes `run(recipe, ...)`."""

@@ -1,0 +1,1 @@
+"""Training plumbing shared by the stages: packing, optimizer, train-state checkpoints, metrics."""

@@ -1,0 +1,65 @@
+"""What every training stage opens and closes the same way: the accelerator, the policy (fresh, from a
+checkpoint, or from the latest resumable checkpoint), optimizer and schedule, the metrics logger, periodic
+atomic checkpoints and the final policy in `output_dir/final`."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from r1pipe.training.metrics import MetricsLogger
+from r1pipe.training.optim import build_optimizer
+from r1pipe.training.setup import load_policy_for
+from r1pipe.training.state import latest_checkpoint, load_trainer_state, save_train_state
+
+
+@dataclass
+class TrainSession:
+    recipe: object
+    accelerator: object
+    policy: torch.nn.Module  # unwrapped
+    wrapped: torch.nn.Module  # what accelerate returned (DDP/FSDP or the policy itself)
+    tokenizer: object
+    optimizer: object
+    scheduler: object
+    start_step: int
+    total_steps: int
+    checkpoint: Path | None  # the checkpoint resumed from
+    logger: MetricsLogger
+    out_dir: Path
+
+    def maybe_save(self, step: int, reference=None) -> None:
+        every = self.recipe.train.save_every
+        if every and step % every == 0 and step < self.total_steps:
+            if self.accelerator.is_main_process:
+                save_train_state(self.out_dir, step, self.policy, self.optimizer, self.scheduler, reference, self.tokenizer)
+            self.accelerator.wait_for_everyone()
+
+    def finish(self, reference=None) -> Path:
+        self.logger.close()
+        final = self.out_dir / "final"
+        if self.accelerator.is_main_process:
+            save_train_state(self.out_dir, self.total_steps, self.policy, self.optimizer, self.scheduler, reference, self.tokenizer)
+            self.policy.save_pretrained(final, tokenizer=self.tokenizer)
+        self.accelerator.wait_for_everyone()
+        return final
+
+
+def open_session(recipe, resume: bool, max_steps: int | None, total_steps: int | None = None) -> TrainSession:
+    from accelerate import Accelerator
+
+    out_dir = Path(recipe.output_dir)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    torch.manual_seed(recipe.train.seed)
+    total = max_steps if max_steps is not None else (total_steps or recipe.train.max_steps)
+    ckpt = latest_checkpoint(out_dir) if resume else None
+    if ckpt is not None:
+        recipe.model.path, recipe.model.init = str(ckpt / "policy"), None
+    policy, tokenizer = load_policy_for(recipe.model, recipe.train.seed, device=accelerator.device)
+    optimizer, scheduler = build_optimizer(policy.parameters(), recipe.optim, total)
+    start = load_trainer_state(ckpt, optimizer, scheduler)["step"] if ckpt is not None else 0
+    wrapped, optimizer = accelerator.prepare(policy, optimizer)
+    logger = MetricsLogger(out_dir, total, start_step=start, enabled=accelerator.is_main_process,
+                           run_name=recipe.name or recipe.stage)
+    return TrainSession(recipe, accelerator, policy, wrapped, tokenizer, optimizer, scheduler, start, total, ckpt, logger, out_dir)

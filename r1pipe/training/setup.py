@@ -1,0 +1,49 @@
+"""Building what every stage starts from: the policy of a recipe's `model` section (a checkpoint, or a
+fresh tiny one), its tokenizer, and the frozen reference copy."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+
+from r1pipe.model import DeepSeekPolicy
+from r1pipe.model.tiny import tiny_config
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_tokenizer(model_path: str | None):
+    from transformers import AutoTokenizer
+
+    from r1pipe.data.tokenizer import load_tiny_tokenizer
+
+    if model_path and (Path(model_path) / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(model_path)
+    return load_tiny_tokenizer()
+
+
+def load_policy_for(model_section, seed: int, device="cpu") -> tuple[DeepSeekPolicy, object]:
+    """(policy, tokenizer) for a recipe's model section."""
+    dtype = DTYPES[model_section.dtype]
+    if model_section.init:
+        family = {"tiny": "deepseek_v3", "tiny_v2": "deepseek_v2"}.get(model_section.init)
+        if family is None:
+            raise ValueError(f"model.init={model_section.init!r}: expected 'tiny' or 'tiny_v2' (or set model.path)")
+        tokenizer = load_tokenizer(None)
+        config = tiny_config(family, vocab_size=len(tokenizer), **model_section.tiny_overrides)
+        policy = DeepSeekPolicy.from_config(config, seed=seed, dtype=dtype).to(device)
+    else:
+        if not model_section.path:
+            raise ValueError("model: set either `path` (a checkpoint dir) or `init: tiny`")
+        policy = DeepSeekPolicy.from_pretrained(model_section.path, dtype=dtype, device=device)
+        tokenizer = load_tokenizer(model_section.path)
+    policy.gradient_checkpointing = model_section.gradient_checkpointing
+    return policy, tokenizer
+
+
+def frozen_copy(policy: DeepSeekPolicy) -> DeepSeekPolicy:
+    reference = copy.deepcopy(policy).eval()
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    return reference
