@@ -260,7 +260,8 @@ def run(recipe, resume: bool = False, max_steps: int | None = None) -> Path:
     rows = load_prompt_dataset(rc.data.train).to_list()[: rc.data.limit]
     prompt_ids = [format_prompt(session.tokenizer, r["prompt"]) for r in rows]
     engine = make_engine(rc, policy, session.tokenizer, session.out_dir)
-    rewards = RewardRunner(rc.rewards, none_policy="drop_group" if rc.grpo.failed_reward == "drop_group" else "zero")
+    rewards = RewardRunner(rc.rewards, none_policy="drop_group" if rc.grpo.failed_reward == "drop_group" else "zero",
+                           base_dir=Path(rc.source).parent if rc.source else None)
     state = GRPORun(rc, acc, session.wrapped, reference, session.tokenizer, engine, rewards, session.optimizer,
                     session.scheduler, rows, prompt_ids)
     try:
