@@ -82,8 +82,9 @@ def default_ks(n: int) -> list[int]:
 def summarise(groups: list[list[dict]], ks: list[int] | None = None, buckets: list | None = None) -> dict:
     """The metrics of scored samples. `groups[p]` holds prompt p's n sample records (keys `correct`
     True/False/None, `format_ok`, `answer` (or `vote`, its equivalence class, if present), `n_tokens`,
-    `truncated`, `rewards`). Prompts whose
-    correctness is None (no checkable reference) are left out of the accuracy metrics and counted."""
+    `truncated`, `rewards`). A prompt with any correctness None (no checkable reference, or the reward
+    failed) is left out of pass@k and maj@k and counted in `n_unscored_prompts`; `buckets[p]` (e.g.
+    the difficulty column) breaks pass@1 down."""
     if not groups or not groups[0]:
         raise ValueError("summarise: no samples to summarise")
     n = len(groups[0])
@@ -124,7 +125,7 @@ def _mean(values) -> float | None:
 def evaluate(model=None, data: str = "tiny_arith:test", *, engine=None, tokenizer=None, n: int = 8,
              ks: list[int] | None = None, temperature: float = EVAL_TEMPERATURE, top_p: float = EVAL_TOP_P,
              max_tokens: int | None = None, seed: int = 0, limit: int | None = None,
-             rewards: list | None = None, correct_reward: str = "accuracy", format_reward: str = "format",
+             rewards: list[str] | None = None, correct_reward: str = "accuracy", format_reward: str = "format",
              out_dir: str | Path | None = None, bucket_by: str | None = "difficulty", name: str | None = None,
              batch_prompts: int = 64, progress: bool = True, engine_kwargs: dict | None = None,
              system_prompt=DEFAULT_SYSTEM_PROMPT) -> dict:
@@ -206,7 +207,7 @@ def markdown_table(summaries: list[dict]) -> str:
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     """`r1pipe eval CKPT --data FILE --n 8 [--plot]`."""
     p = subparsers.add_parser("eval", help="pass@1 / pass@k / maj@k, format rate and length of a checkpoint",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="checkpoint directory (config.json, safetensors, tokenizer)")
     p.add_argument("--data", default="tiny_arith:test",
                    help="prompts: a .jsonl/.parquet file or a builtin split such as tiny_arith:test (default)")
@@ -258,7 +259,10 @@ def write_plots(summary: dict, out: Path, model: str | None = None, metrics: str
     from r1pipe import plots
 
     written = [plots.plot_pass_at_k(summary, out / "pass_at_k.png")]
-    candidates = [Path(metrics)] if metrics else [Path(model) / "metrics.jsonl", Path(model).parent / "metrics.jsonl"] if model else []
+    if metrics:
+        candidates = [Path(metrics)]
+    else:
+        candidates = [Path(model) / "metrics.jsonl", Path(model).parent / "metrics.jsonl"] if model else []
     found = next((c for c in candidates if c.is_file()), None)
     if metrics and found is None:
         raise FileNotFoundError(f"--metrics {metrics}: no such file")

@@ -26,6 +26,7 @@ class RecipeError(ValueError):
 class ModelSection:
     path: str | None = None  # checkpoint dir; "previous" = the previous stage's output in a pipeline
     init: str | None = None  # "tiny" / "tiny_v2": build a fresh tiny policy instead of loading one
+    family: Literal["deepseek_v3", "deepseek_v2"] | None = None  # for --dry-run when `path` is not on disk
     tiny_overrides: dict = field(default_factory=dict)  # config overrides for init=tiny (e.g. for --dry-run)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     gradient_checkpointing: bool = False

@@ -10,6 +10,7 @@ The CoT filters and the keep rule are pure functions at the top; sampling and sc
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -187,7 +188,8 @@ def _append(path: Path, lines: list[str]) -> None:
 
 # --- acceptance by bucket -----------------------------------------------------------------------
 
-def bucket_labels(rows: list[dict], prompt_lengths: list[int], bucket_by: str | None = "difficulty", quantiles: int = 4) -> list[str]:
+def bucket_labels(rows: list[dict], prompt_lengths: list[int], bucket_by: str | None = "difficulty",
+                  quantiles: int = 4) -> list[str]:
     """Each prompt's bucket: `<column>=<value>` when every row has `bucket_by`, else its prompt-length
     quantile (`len q1 [a-b]`, tokens) over these prompts."""
     if bucket_by and rows and all(bucket_by in r for r in rows):
@@ -242,7 +244,7 @@ def reject_sample(model=None, prompts: str = "tiny_arith:train", out: str | Path
         raise ValueError(f"{prompts}: prompt id {dup!r} appears twice; resume needs unique 'id' values")
     done = done_prompt_ids(out)
     todo = [r for r, i in zip(rows, ids) if i not in done]
-    reward_list = [rewards] if isinstance(rewards, str) else list(rewards)
+    reward_list = reward_entries(rewards)
     if keep == "correct" and correct_reward not in [r if isinstance(r, str) else r.get("name") for r in reward_list]:
         reward_list.insert(0, correct_reward)
     correct_label = RewardSpec(correct_reward).column
@@ -284,6 +286,16 @@ def reject_sample(model=None, prompts: str = "tiny_arith:train", out: str | Path
     return _finish(stats, t0, verbose)
 
 
+def reward_entries(rewards) -> list:
+    """The rewards as a list of names / {"name", "weight", ...} mappings, from a name, a list (of
+    names, mappings or dataclasses with those fields) or a recipe's {name: weight} mapping."""
+    if isinstance(rewards, str):
+        return [rewards]
+    if isinstance(rewards, dict):
+        return [{"name": k, **v} if isinstance(v, dict) else {"name": k, "weight": v} for k, v in rewards.items()]
+    return [dataclasses.asdict(r) if dataclasses.is_dataclass(r) else r for r in rewards]
+
+
 def _finish(stats: dict, t0: float, verbose: bool) -> dict:
     stats["reasons"] = dict(stats["reasons"])
     stats["acceptance_rate"] = stats["kept"] / stats["samples"] if stats["samples"] else None
@@ -319,21 +331,27 @@ def add_reject_parser(subparsers) -> argparse.ArgumentParser:
     """`r1pipe reject-sample --model CKPT --prompts FILE --n 16 --rewards accuracy,format --keep correct
     --max-per-prompt 4 --out FILE.jsonl`."""
     p = subparsers.add_parser("reject-sample", help="rejection sampling: keep the accepted completions as SFT data",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="checkpoint directory to sample from")
-    p.add_argument("--prompts", default="tiny_arith:train", help="a .jsonl/.parquet file or a builtin split (default tiny_arith:train)")
+    p.add_argument("--prompts", default="tiny_arith:train",
+                   help="a .jsonl/.parquet file or a builtin split (default tiny_arith:train)")
     p.add_argument("--out", required=True, help="output .jsonl (appended to; prompts already in it are skipped)")
     p.add_argument("--n", type=int, default=16, help="samples per prompt (default 16)")
-    p.add_argument("--rewards", default="accuracy,format", help="comma-separated rewards, optionally name=weight (default accuracy,format)")
+    p.add_argument("--rewards", default="accuracy,format",
+                   help="comma-separated rewards, optionally name=weight (default accuracy,format)")
     p.add_argument("--keep", choices=KEEP_RULES, default="correct",
-                   help="correct: full marks on --correct-reward; best: the group's top total reward; all: any (default correct)")
+                   help="correct: full marks on --correct-reward; best: the group's top total reward; "
+                        "all: any (default correct)")
     p.add_argument("--correct-reward", default="accuracy", help="reward whose full marks mean correct (default accuracy)")
     p.add_argument("--max-per-prompt", type=int, default=4, help="most samples kept per prompt (default 4)")
-    p.add_argument("--bucket-by", default="difficulty", help="column for the acceptance table (default difficulty; else prompt-length quartiles)")
+    p.add_argument("--bucket-by", default="difficulty",
+                   help="column for the acceptance table (default difficulty; else prompt-length quartiles)")
     f = p.add_argument_group("CoT filters")
     f.add_argument("--language", default="en", help=f"the CoT's language, one of {sorted(SCRIPTS)} (default en)")
-    f.add_argument("--max-foreign-fraction", type=float, default=0.0, help="share of CoT words allowed in another script (default 0)")
-    f.add_argument("--max-paragraph-chars", type=int, default=2000, help="longest CoT paragraph allowed; 0 = off (default 2000)")
+    f.add_argument("--max-foreign-fraction", type=float, default=0.0,
+                   help="share of CoT words allowed in another script (default 0)")
+    f.add_argument("--max-paragraph-chars", type=int, default=2000,
+                   help="longest CoT paragraph allowed; 0 = off (default 2000)")
     f.add_argument("--allow-code-blocks", action="store_true", help="keep CoTs that contain fenced code blocks")
     f.add_argument("--keep-truncated", action="store_true", help="keep completions cut off by --max-tokens")
     add_sampling_args(p, temperature=1.0, top_p=1.0)

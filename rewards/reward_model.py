@@ -8,6 +8,8 @@ importing r1pipe.rewards stays light. Text helpers: rewards/text.py.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from .registry import register
 from .text import completion_text, prompt_text, split_reasoning
 
@@ -22,6 +24,10 @@ def load_reward_model(model_path: str, device: str = "cpu", dtype: str = "float3
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        if not (Path(model_path) / "config.json").is_file():
+            # never a hub id: r1pipe downloads nothing at run time, and a hub lookup would hang offline
+            raise FileNotFoundError(f"reward model {model_path}: no config.json there; expected a local folder with a "
+                                    "sequence-classification model (kwargs.model_path)")
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         model = AutoModelForSequenceClassification.from_pretrained(model_path, dtype=getattr(torch, dtype))
         if model.config.num_labels != 1:

@@ -22,11 +22,17 @@ FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 # The system prompt of the embedded task: states the R1 output format (reasoning in <think>, answer boxed).
 TASK_SYSTEM_PROMPT = "Reason in <think></think>, then answer \\boxed{}."
 
-# name -> (row function, default number of rows per split)
+
+def _cold_start(n: int, split: str, seed: int, **kwargs) -> list[dict]:
+    return task.cold_start_rows(n, seed, **kwargs)  # train only: BUILTINS lists no other split
+
+
+# name -> (row function, default rows per split, extra float options it takes, takes ArithConfig fields)
 BUILTINS = {
-    "tiny_arith": (task.arith_rows, {"train": 10_000, "dev": 200, "test": 500}),
-    "tiny_general": (task.general_rows, {"train": 2_000, "dev": 200, "test": 200}),
-    "tiny_align": (task.alignment_rows, {"train": 2_000, "dev": 200, "test": 500}),
+    "tiny_arith": (task.arith_rows, {"train": 10_000, "dev": 200, "test": 500}, (), True),
+    "tiny_cold_start": (_cold_start, {"train": 1_000}, ("terse_fraction",), True),
+    "tiny_general": (task.general_rows, {"train": 2_000, "dev": 200, "test": 200}, (), False),
+    "tiny_align": (task.alignment_rows, {"train": 2_000, "dev": 200, "test": 500}, ("general_fraction",), True),
 }
 _CONFIG_KEYS = {f: type(getattr(task.ArithConfig(), f)) for f in task.ArithConfig.__dataclass_fields__}
 
@@ -121,29 +127,40 @@ def _resolve_file(path: Path, split: str | None) -> Path:
                             f"a directory with <split>.jsonl, or a builtin name ({', '.join(BUILTINS)}):<split>")
 
 
+def _option(name: str, key: str, value: str, kind: type):
+    if kind is bool:
+        return value.lower() in ("1", "true", "yes")
+    try:
+        return kind(value)
+    except ValueError:
+        raise ValueError(f"builtin {name!r}: option {key}={value!r} is not a valid {kind.__name__}") from None
+
+
 def builtin_rows(spec: str, split: str | None = None) -> list[dict]:
-    """Rows of a builtin: "tiny_arith:test", optionally "?n=300&seed=1&max_ops=2" (ArithConfig fields)."""
+    """Rows of a builtin: "tiny_arith:test", optionally "?n=300&seed=1&max_ops=2" (ArithConfig fields).
+
+    tiny_arith: the task (train/dev/test); tiny_cold_start: mixed-quality SFT rows (train only,
+    ?terse_fraction=); tiny_general: non-reasoning rows; tiny_align: stage-4 mix (?general_fraction=).
+    """
     name_split, _, query = spec.partition("?")
     name, _, spec_split = name_split.partition(":")
     if name not in BUILTINS:
         raise ValueError(f"unknown builtin dataset {name!r}{_did_you_mean(name, BUILTINS)}")
     split = spec_split or split or "train"
-    fn, sizes = BUILTINS[name]
+    fn, sizes, float_keys, takes_config = BUILTINS[name]
     if split not in sizes:
         raise ValueError(f"builtin {name!r}: unknown split {split!r}{_did_you_mean(split, sizes)}")
     kwargs: dict = {"n": sizes[split], "seed": 0}
     config: dict = {}
     for key, value in parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)):
         if key in ("n", "seed"):
-            kwargs[key] = int(value)
-        elif key == "general_fraction" and name == "tiny_align":
-            kwargs[key] = float(value)
-        elif key in _CONFIG_KEYS and name != "tiny_general":
-            kind = _CONFIG_KEYS[key]
-            config[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+            kwargs[key] = _option(name, key, value, int)
+        elif key in float_keys:
+            kwargs[key] = _option(name, key, value, float)
+        elif key in _CONFIG_KEYS and takes_config:
+            config[key] = _option(name, key, value, _CONFIG_KEYS[key])
         else:
-            allowed = ["n", "seed"] + ([] if name == "tiny_general" else list(_CONFIG_KEYS))
-            allowed += ["general_fraction"] if name == "tiny_align" else []
+            allowed = ["n", "seed", *float_keys] + (list(_CONFIG_KEYS) if takes_config else [])
             raise ValueError(f"builtin {name!r}: unknown option {key!r}{_did_you_mean(key, allowed)}")
     if config:
         kwargs["config"] = task.ArithConfig(**config)

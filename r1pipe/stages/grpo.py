@@ -16,6 +16,7 @@ import torch
 
 from r1pipe.grpo import clipped_policy_loss, group_advantages, truncated_is_weights, zero_variance_groups
 from r1pipe.rollout.types import logprob_mismatch
+from r1pipe.training.lora import base_reference, is_lora, rollout_weights
 from r1pipe.training.packing import pack_sequences
 from r1pipe.training.state import select_rows, step_seed
 from r1pipe.training.setup import frozen_copy
@@ -117,7 +118,7 @@ def grpo_step(run: GRPORun, step: int) -> dict:
     if rc.grpo.ref_reset_every and run.reference is not None and (step + 1) % rc.grpo.ref_reset_every == 0:
         run.reference.load_state_dict(model.state_dict())
     t2 = time.time()
-    run.engine.sync_weights(model.state_dict().items())  # experts travel packed, per layer
+    run.engine.sync_weights(rollout_weights(model))  # experts travel packed, per layer; LoRA merged
     metrics["sync_s"] = time.time() - t2
     metrics["lr"] = run.scheduler.get_last_lr()[0]
     metrics["peak_memory_gb"] = _peak_memory_gb()
@@ -253,7 +254,9 @@ def run(recipe, resume: bool = False, max_steps: int | None = None) -> Path:
     session = open_session(rc, resume, max_steps)
     acc, policy = session.accelerator, session.policy
     reference = None
-    if rc.grpo.beta:
+    if rc.grpo.beta and is_lora(policy):  # the base with adapters off: no second model in memory
+        reference = base_reference(policy, rc.grpo.ref_reset_every)
+    elif rc.grpo.beta:
         reference = (type(policy).from_pretrained(session.checkpoint / "reference", device=acc.device)
                      if session.checkpoint is not None else frozen_copy(policy))
         reference.requires_grad_(False).eval()

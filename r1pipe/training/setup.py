@@ -39,6 +39,10 @@ def load_policy_for(model_section, seed: int, device="cpu") -> tuple[DeepSeekPol
         policy = DeepSeekPolicy.from_pretrained(model_section.path, dtype=dtype, device=device)
         tokenizer = load_tokenizer(model_section.path)
     policy.gradient_checkpointing = model_section.gradient_checkpointing
+    if model_section.lora_rank > 0:  # only adapters train; files and rollouts get merged weights
+        from r1pipe.training.lora import lora_policy_for
+
+        policy = lora_policy_for(policy, model_section, seed)
     return policy, tokenizer
 
 

