@@ -24,7 +24,7 @@ _FILE_MODULES: dict[str, object] = {}
 ISOLATIONS = ("inline", "process")
 # Imported on the first lookup, not with the package: math-verify and sympy take a second to load,
 # and the sandbox or the runner alone need neither.
-BUILTIN_MODULES = ("math", "format", "language", "length", "code", "reward_model")
+BUILTIN_MODULES = ("math", "exact", "format", "language", "length", "code", "reward_model")
 _builtins_loaded = False
 
 
