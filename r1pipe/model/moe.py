@@ -98,22 +98,9 @@ class RoutedExperts(nn.Module):
 
 def moe_forward(x, gate_up_proj, down_proj, topk_ids, topk_weights) -> torch.Tensor:
     """Σ_k w_k · down_e(silu(gate_e(x)) * up_e(x)) over each token's chosen experts; x [T, H] -> [T, H]."""
-    try:
-        from r1pipe.kernels import fused_moe  # picks Triton on CUDA, the torch twin elsewhere
-    except ImportError:  # TEMP until the kernel lands
-        fused_moe = _moe_loop
+    from r1pipe.kernels import fused_moe  # picks Triton on CUDA, the pure-torch twin elsewhere
+
     return fused_moe(x, gate_up_proj, down_proj, topk_ids, topk_weights.to(x.dtype))
-
-
-def _moe_loop(x, gate_up_proj, down_proj, topk_ids, topk_weights):
-    out = torch.zeros_like(x)
-    inter = down_proj.shape[-1]
-    for e in torch.unique(topk_ids).tolist():
-        tok, slot = torch.where(topk_ids == e)
-        gate, up = F.linear(x[tok], gate_up_proj[e]).split(inter, dim=-1)
-        y = F.linear(F.silu(gate) * up, down_proj[e]) * topk_weights[tok, slot, None]
-        out = out.index_add(0, tok, y)
-    return out
 
 
 class DeepSeekMoE(nn.Module):

@@ -7,6 +7,7 @@ The maths lives in `r1pipe.grpo` (pure functions), rewards in `r1pipe.rewards`, 
 """
 from __future__ import annotations
 
+import contextlib
 import resource
 import time
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import torch
 from r1pipe.grpo import clipped_policy_loss, group_advantages, truncated_is_weights, zero_variance_groups
 from r1pipe.rollout.types import logprob_mismatch
 from r1pipe.training.lora import base_reference, is_lora, rollout_weights
-from r1pipe.training.packing import pack_sequences
+from r1pipe.training.packing import pack_sequences, placeholder_batch
 from r1pipe.training.state import select_rows, step_seed
 from r1pipe.training.setup import frozen_copy
 
@@ -75,12 +76,16 @@ def grpo_step(run: GRPORun, step: int) -> dict:
     rc, g = run.recipe, run.recipe.grpo.num_generations
     acc = run.accelerator
     # 1. rollout: this rank's share of the step's prompts, G samples each
-    chosen = select_rows(len(run.rows), rc.train.prompts_per_step, step, rc.train.seed)[acc.process_index :: acc.num_processes]
+    step_rows = select_rows(len(run.rows), rc.train.prompts_per_step, step, rc.train.seed)
+    mine = list(range(acc.process_index, len(step_rows), acc.num_processes))
+    chosen = [step_rows[k] for k in mine]
     rows = [run.rows[i] for i in chosen]
+    # Seeds follow a prompt's place in the whole step, not the rank, so N processes sample what one does.
+    placed = {"seed_prompt_index": mine} if acc.num_processes > 1 else {}
     t0 = time.time()
     rollouts = run.engine.generate([run.prompt_ids[i] for i in chosen], n=g, temperature=rc.rollout.temperature,
                                    top_p=rc.rollout.top_p, max_tokens=rc.rollout.max_tokens,
-                                   stop_token_ids=[run.tokenizer.eos_token_id], seed=step_seed(rc.train.seed, step, acc.process_index))
+                                   stop_token_ids=[run.tokenizer.eos_token_id], seed=step_seed(rc.train.seed, step), **placed)
     rollout_s = time.time() - t0
 
     # 2. score and 3. advantages (group-normalised; zero-variance groups carry no signal)
@@ -134,14 +139,16 @@ def update_policy(run: GRPORun, batches, kept, advantages, rollouts, truncated, 
     run.policy_loads = None
     # pi_old = the sampling policy (this step's weights before any update), and pi_ref
     old, ref, entropies = [], [], []
-    with torch.no_grad():
+    with torch.no_grad():  # the unwrapped model: a DDP forward here would join collectives other ranks skip
         for b in batches:
-            lp, ent = policy(b.input_ids, position_ids=b.position_ids, targets=b.targets, return_entropy=True)
+            lp, ent = run.model(b.input_ids, position_ids=b.position_ids, targets=b.targets, return_entropy=True)
             old.append(b.unpack(lp))
             entropies.append(b.unpack(ent))
             _add_loads(run)
             if run.reference is not None and rc.grpo.beta:
                 ref.append(b.unpack(run.reference(b.input_ids, position_ids=b.position_ids, targets=b.targets)))
+    if run.policy_loads is None and acc.num_processes > 1 and run.model.expert_loads().numel():
+        run.policy_loads = torch.zeros_like(run.model.expert_loads())  # still joins the load all-reduce
     metrics = {}
     sampler = [_sampler_logprobs(b, kept, rollouts, device) for b in batches]
     masks = [b.completion_mask * (1.0 - _truncated_rows(b, kept, truncated, rc.grpo.mask_truncated, device)) for b in batches]
@@ -153,31 +160,41 @@ def update_policy(run: GRPORun, batches, kept, advantages, rollouts, truncated, 
     if ent_tokens:
         metrics["entropy"] = sum(float((e * b.completion_mask).sum()) for e, b in zip(entropies, batches)) / ent_tokens
     sums: dict[str, float] = {}
+    if n_seqs == 0:  # every rank dropped every sample (dynamic sampling): nothing to learn from this step
+        mu = 0
     for _ in range(mu):
+        if not batches and acc.num_processes > 1:  # other ranks have sequences: join their all-reduce with zeros
+            acc.backward(_zero_loss(policy, run.tokenizer, device))
         for i, b in enumerate(batches):
-            logp = b.unpack(policy(b.input_ids, position_ids=b.position_ids, targets=b.targets))
-            adv = advantages[[kept[j] for j in b.seq_index.tolist()]].to(device)
-            is_w = truncated_is_weights(old[i], sampler[i], masks[i], clip_max=rc.grpo.tis_cap) if rc.grpo.tis_cap else None
-            loss, m = clipped_policy_loss(
-                logp, old[i] if mu > 1 else None, adv, masks[i], loss_type=rc.grpo.loss_type,
-                epsilon_low=rc.grpo.epsilon_low, epsilon_high=rc.grpo.epsilon_high, beta=rc.grpo.beta,
-                ref_logp=ref[i] if ref else None, max_completion_length=rc.rollout.max_tokens, is_weights=is_w,
-                num_items_in_batch=n_tokens, num_processes=acc.num_processes,
-            )
-            if rc.grpo.loss_type not in ("dapo", "bnpo"):
-                # a per-sequence mean over this micro-batch -> its share of the step's sequences
-                loss = loss * (b.gather_index.shape[0] * acc.num_processes / max(n_seqs, 1))
-            balance = run.model.balance_loss()
-            if balance is not None:
-                loss = loss + balance / len(batches)
-            if not torch.isfinite(loss):
-                sums["nonfinite"] = 1.0
-            acc.backward(loss)
-            sums["loss"] = sums.get("loss", 0.0) + loss.item()
-            for k, v in m.items():
-                sums[k] = sums.get(k, 0.0) + float(v) / len(batches)
+            # DDP all-reduces on the last micro-batch only: ranks may hold different numbers of them
+            with contextlib.nullcontext() if i == len(batches) - 1 else acc.no_sync(policy):
+                logp = b.unpack(policy(b.input_ids, position_ids=b.position_ids, targets=b.targets))
+                adv = advantages[[kept[j] for j in b.seq_index.tolist()]].to(device)
+                is_w = truncated_is_weights(old[i], sampler[i], masks[i], clip_max=rc.grpo.tis_cap) if rc.grpo.tis_cap else None
+                loss, m = clipped_policy_loss(
+                    logp, old[i] if mu > 1 else None, adv, masks[i], loss_type=rc.grpo.loss_type,
+                    epsilon_low=rc.grpo.epsilon_low, epsilon_high=rc.grpo.epsilon_high, beta=rc.grpo.beta,
+                    ref_logp=ref[i] if ref else None, max_completion_length=rc.rollout.max_tokens, is_weights=is_w,
+                    num_items_in_batch=n_tokens, num_processes=acc.num_processes,
+                    # bnpo: the mean of the micro-batches' token means, whatever the token budget cut them into
+                    gradient_accumulation_steps=len(batches) if rc.grpo.loss_type == "bnpo" else 1,
+                )
+                if rc.grpo.loss_type not in ("dapo", "bnpo"):
+                    # a per-sequence mean over this micro-batch -> its share of the step's sequences
+                    loss = loss * (b.gather_index.shape[0] * acc.num_processes / max(n_seqs, 1))
+                balance = run.model.balance_loss()
+                if balance is not None:
+                    loss = loss + balance / len(batches)
+                if not torch.isfinite(loss):
+                    sums["nonfinite"] = 1.0
+                acc.backward(loss)
+                sums["loss"] = sums.get("loss", 0.0) + loss.item()
+                for k, v in m.items():
+                    sums[k] = sums.get(k, 0.0) + float(v) / len(batches)
         grad_norm = acc.clip_grad_norm_(policy.parameters(), rc.optim.max_grad_norm)
-        if "nonfinite" in sums or not torch.isfinite(torch.as_tensor(grad_norm)):
+        # one rank's non-finite loss skips the step on every rank, or their weights would part
+        nonfinite = _all_sum(acc, int("nonfinite" in sums)) > 0
+        if nonfinite or not torch.isfinite(torch.as_tensor(grad_norm)):
             run.optimizer.zero_grad(set_to_none=True)
             run.bad_steps += 1
             metrics["skipped_nonfinite"] = 1.0
@@ -193,6 +210,11 @@ def update_policy(run: GRPORun, batches, kept, advantages, rollouts, truncated, 
     metrics.update({k: v / mu for k, v in sums.items() if k != "nonfinite"})
     metrics["skipped_nonfinite"] = metrics.get("skipped_nonfinite", 0.0)
     return metrics
+
+
+def _zero_loss(policy, tokenizer, device) -> torch.Tensor:
+    b = placeholder_batch(tokenizer.pad_token_id or 0).to(device)
+    return policy(b.input_ids, position_ids=b.position_ids, targets=b.targets).sum() * 0.0
 
 
 def _add_loads(run):
