@@ -35,7 +35,7 @@ def _check(x, gate_up_proj, down_proj, topk_ids, topk_weights) -> None:
 
 
 def _triton_ok(x: torch.Tensor) -> bool:
-    if not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+    if not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float32):  # the dtypes measured there
         return False
     try:
         import triton  # noqa: F401

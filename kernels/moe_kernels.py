@@ -5,7 +5,9 @@ load, never copied into a permuted buffer. moe_triton.py launches these and hold
   gate_up_swiglu:  h = silu(x W_g^T) * (x W_u^T)             (also keeps the pre-activations for backward)
   rows_matmul:     out[pair] = scale[pair] * (A_e W_e)         (down projection forward; dx backward)
   down_backward:   dA = dout W_d; SwiGLU backward; dw partials; h*w for the down weight gradient
+  swiglu_backward: the SwiGLU backward as its own pass, for when down_backward only stores dA
   expert_weight_grad: dW_e = A_e^T B_e over the expert's rows (both weight gradients)
+  routing_tiles:   expert offsets and the M-tile map from the sorted expert ids (moe_routing.py)
 """
 import triton
 import triton.language as tl
@@ -137,11 +139,13 @@ def down_backward_kernel(
     sorted_token_ptr, sorted_pair_ptr, tile_expert_ptr, tile_start_ptr, offsets_ptr,
     num_tiles, E, H, I, TK,
     stride_do, stride_we, stride_wn, stride_wk,
-    EVEN_K: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    FUSED: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """dA[r, n] = dout[tok[r]] . W_d[e, :, n], then with the saved pre-activations g, u:
-    dw partial = sum_n dA h,  dg = w dA u silu'(g),  du = w dA silu(g),  hw = w h."""
+    dw partial = sum_n dA h,  dg = w dA u silu'(g),  du = w dA silu(g),  hw = w h.
+    Not FUSED: only dA is stored, into hw; swiglu_backward_kernel does the rest (fewer live
+    registers in this epilogue, one more pass over [TK, I])."""
     pid_m, pid_n = _grouped_tile(tl.program_id(0), num_tiles, tl.cdiv(I, BLOCK_N), GROUP_M)
     e = tl.load(tile_expert_ptr + pid_m)
     if e >= E:  # a spare tile past the data-dependent tile count
@@ -167,20 +171,60 @@ def down_backward_kernel(
         b_ptrs += BLOCK_K * stride_wk
     ok = row_ok[:, None] & col_ok[None, :]
     rows64 = rows.to(tl.int64)
-    gu_ptrs = gu_ptr + rows64[:, None] * (2 * I) + cols[None, :]
-    g = tl.load(gu_ptrs, mask=ok, other=0.0).to(tl.float32)
-    u = tl.load(gu_ptrs + I, mask=ok, other=0.0).to(tl.float32)
-    pair = tl.load(sorted_pair_ptr + rows, mask=row_ok, other=0)
-    w = tl.load(topk_w_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    if FUSED:  # (a static branch: no `return` here, the compiler would keep what follows it)
+        gu_ptrs = gu_ptr + rows64[:, None] * (2 * I) + cols[None, :]
+        g = tl.load(gu_ptrs, mask=ok, other=0.0).to(tl.float32)
+        u = tl.load(gu_ptrs + I, mask=ok, other=0.0).to(tl.float32)
+        pair = tl.load(sorted_pair_ptr + rows, mask=row_ok, other=0)
+        w = tl.load(topk_w_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+        dg, du, hw, dw_terms = _swiglu_backward(acc, g, u, w)
+        tl.store(dw_part_ptr + pid_n.to(tl.int64) * TK + rows64, tl.sum(dw_terms, axis=1), mask=row_ok)
+        dgu_ptrs = dgu_ptr + rows64[:, None] * (2 * I) + cols[None, :]
+        tl.store(dgu_ptrs, dg.to(dgu_ptr.dtype.element_ty), mask=ok)
+        tl.store(dgu_ptrs + I, du.to(dgu_ptr.dtype.element_ty), mask=ok)
+        tl.store(hw_ptr + rows64[:, None] * I + cols[None, :], hw.to(hw_ptr.dtype.element_ty), mask=ok)
+    else:
+        tl.store(hw_ptr + rows64[:, None] * I + cols[None, :], acc.to(hw_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _swiglu_backward(da, g, u, w):
+    # y = w * down(h), h = silu(g) u: dh = w dA, dg = dh u silu'(g), du = dh silu(g), dw = sum dA h
     sig = tl.sigmoid(g)
     silu = g * sig
     h = silu * u
-    tl.store(dw_part_ptr + pid_n.to(tl.int64) * TK + rows64, tl.sum(acc * h, axis=1), mask=row_ok)
-    dh = acc * w
-    dgu_ptrs = dgu_ptr + rows64[:, None] * (2 * I) + cols[None, :]
-    tl.store(dgu_ptrs, (dh * u * sig * (1.0 + g * (1.0 - sig))).to(dgu_ptr.dtype.element_ty), mask=ok)
-    tl.store(dgu_ptrs + I, (dh * silu).to(dgu_ptr.dtype.element_ty), mask=ok)
-    tl.store(hw_ptr + rows64[:, None] * I + cols[None, :], (h * w).to(hw_ptr.dtype.element_ty), mask=ok)
+    dh = da * w
+    return dh * u * sig * (1.0 + g * (1.0 - sig)), dh * silu, h * w, da * h
+
+
+@triton.jit
+def swiglu_backward_kernel(
+    gu_ptr, da_hw_ptr, topk_w_ptr, dgu_ptr, dw_ptr, sorted_pair_ptr, TK, I,
+    BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr,
+):
+    """Rows r of the sorted order: dA (stored in da_hw) -> dg, du into dgu and w*h back into da_hw;
+    dw[pair[r]] = sum_n dA h. Every element is read, then written, by this program only."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < TK
+    rows64 = rows.to(tl.int64)
+    pair = tl.load(sorted_pair_ptr + rows, mask=row_ok, other=0)
+    w = tl.load(topk_w_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    dw = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for c0 in range(0, I, BLOCK_I):
+        cols = c0 + tl.arange(0, BLOCK_I)
+        ok = row_ok[:, None] & (cols < I)[None, :]
+        gu_ptrs = gu_ptr + rows64[:, None] * (2 * I) + cols[None, :]
+        g = tl.load(gu_ptrs, mask=ok, other=0.0).to(tl.float32)
+        u = tl.load(gu_ptrs + I, mask=ok, other=0.0).to(tl.float32)
+        da_ptrs = da_hw_ptr + rows64[:, None] * I + cols[None, :]
+        da = tl.load(da_ptrs, mask=ok, other=0.0).to(tl.float32)
+        dg, du, hw, dw_terms = _swiglu_backward(da, g, u, w)
+        dw += tl.sum(dw_terms, axis=1)
+        dgu_ptrs = dgu_ptr + rows64[:, None] * (2 * I) + cols[None, :]
+        tl.store(dgu_ptrs, dg.to(dgu_ptr.dtype.element_ty), mask=ok)
+        tl.store(dgu_ptrs + I, du.to(dgu_ptr.dtype.element_ty), mask=ok)
+        tl.store(da_ptrs, hw.to(da_hw_ptr.dtype.element_ty), mask=ok)
+    tl.store(dw_ptr + pair, dw, mask=row_ok)
 
 
 @triton.jit
@@ -209,8 +253,7 @@ def expert_weight_grad_kernel(
     for r0 in range(r_begin, r_end, BLOCK_K):
         rows = r0 + tl.arange(0, BLOCK_K)
         r_ok = rows < r_end
-        if A_GATHER or B_GATHER:
-            tok = tl.load(sorted_token_ptr + rows, mask=r_ok, other=0).to(tl.int64)
+        tok = tl.load(sorted_token_ptr + rows, mask=r_ok, other=0).to(tl.int64)
         if A_GATHER:
             a_rows = tok
         else:
@@ -224,3 +267,41 @@ def expert_weight_grad_kernel(
         acc = _mma(tl.trans(a), b, acc, UPCAST, IEEE)
     out_ptrs = out_ptr + e.to(tl.int64) * M * N + ms.to(tl.int64)[:, None] * N + ns[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def routing_tiles_kernel(
+    sorted_expert_ptr, offsets_ptr, tile_expert_ptr, tile_start_ptr, valid_ptr,
+    TK, E, max_tiles, search_steps,
+    BLOCK_M: tl.constexpr, E_POW2: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """One program: expert_offsets by binary search in the sorted expert ids, then the M-tile map
+    (tile_expert, tile_start; spare tiles get expert E). valid = ids lay in [0, E). Replaces a dozen
+    small torch launches, which dominate at small batch."""
+    es = tl.arange(0, E_POW2)
+    lo = tl.zeros((E_POW2,), dtype=tl.int32)  # lower bound of e: first i with sorted[i] >= e
+    hi = tl.zeros((E_POW2,), dtype=tl.int32) + TK
+    lo1 = tl.zeros((E_POW2,), dtype=tl.int32)  # lower bound of e + 1
+    hi1 = tl.zeros((E_POW2,), dtype=tl.int32) + TK
+    for _ in range(search_steps):
+        mid = (lo + hi) // 2
+        below = tl.load(sorted_expert_ptr + mid, mask=mid < TK, other=0) < es
+        lo, hi = tl.where((lo < hi) & below, mid + 1, lo), tl.where((lo < hi) & ~below, mid, hi)
+        mid1 = (lo1 + hi1) // 2
+        below1 = tl.load(sorted_expert_ptr + mid1, mask=mid1 < TK, other=0) < es + 1
+        lo1, hi1 = tl.where((lo1 < hi1) & below1, mid1 + 1, lo1), tl.where((lo1 < hi1) & ~below1, mid1, hi1)
+    tl.store(offsets_ptr + es, lo, mask=es <= E)
+    first_below = tl.sum(tl.where(es == 0, lo, 0))  # ids < 0 sort before offsets[0]
+    last_end = tl.sum(tl.where(es == E - 1, lo1, 0))  # ids >= E sort after offsets[E]
+    tl.store(valid_ptr, ((first_below == 0) & (last_end == TK)).to(tl.int32))
+    tiles = tl.where(es < E, (lo1 - lo + BLOCK_M - 1) // BLOCK_M, 0)
+    tiles_end = tl.cumsum(tiles, 0)
+    tiles_begin = tiles_end - tiles
+    for t0 in range(0, max_tiles, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        past = (tiles_end[None, :] <= t[:, None]) & (es[None, :] < E)
+        expert = tl.sum(past.to(tl.int32), axis=1)
+        mine = es[None, :] == expert[:, None]
+        start = tl.sum(tl.where(mine, lo[None, :] - tiles_begin[None, :] * BLOCK_M, 0), axis=1)
+        tl.store(tile_expert_ptr + t, expert, mask=t < max_tiles)
+        tl.store(tile_start_ptr + t, start + t * BLOCK_M, mask=t < max_tiles)

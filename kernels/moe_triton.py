@@ -33,6 +33,7 @@ class TileConfig:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
+    fused_epilogue: bool = True  # down_bwd only: SwiGLU backward in the GEMM epilogue or its own pass
 
     def launch(self) -> dict:
         return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k,
@@ -41,36 +42,54 @@ class TileConfig:
 
 # Kernel names: gate_up (fwd 1), down (fwd 2), down_bwd, dx, dw (both weight gradients).
 KERNELS = ("gate_up", "down", "down_bwd", "dx", "dw")
-_overrides: dict[str, TileConfig] = {}
+# Regimes by rows per expert (T*K/E): small batches are bound by reading the expert weights and want
+# short M-tiles; large ones are bound by the tensor cores and want big tiles.
+REGIMES = ((64, "small"), (224, "medium"), (1024, "large"), (float("inf"), "xlarge"))
+
+_T = TileConfig
+# bf16/fp16 on an H100: the fastest of scripts/bench_moe.py --sweep (benchmarks/moe_h100.md); the
+# SwiGLU backward fused into the down-backward epilogue spills registers there, hence its own pass.
+_TUNED = {
+    ("gate_up", "xlarge"): _T(128, 128, 32, 8, 8, 5), ("gate_up", "large"): _T(128, 128, 64, 8, 8, 3),
+    ("gate_up", "medium"): _T(128, 128, 64, 8, 8, 4), ("gate_up", "small"): _T(32, 128, 64, 8, 4, 5),
+    ("down", "xlarge"): _T(128, 256, 64, 8, 8, 4), ("down", "large"): _T(128, 256, 64, 8, 8, 4),
+    ("down", "medium"): _T(128, 256, 64, 8, 8, 3), ("down", "small"): _T(32, 128, 64, 8, 4, 4),
+    ("dx", "xlarge"): _T(128, 256, 64, 8, 8, 4), ("dx", "large"): _T(128, 256, 64, 8, 8, 4),
+    ("dx", "medium"): _T(128, 256, 64, 8, 8, 3), ("dx", "small"): _T(32, 128, 64, 8, 4, 4),
+    ("down_bwd", "xlarge"): _T(128, 256, 64, 8, 8, 3, fused_epilogue=False),
+    ("down_bwd", "large"): _T(128, 256, 64, 8, 8, 3, fused_epilogue=False),
+    ("down_bwd", "medium"): _T(128, 256, 64, 8, 8, 3, fused_epilogue=False),
+    ("down_bwd", "small"): _T(32, 128, 64, 8, 4, 4, fused_epilogue=False),
+}
+_DW = _T(128, 128, 32, 8, 4, 5)  # its M, N are weight dims whatever the batch
+_overrides: dict[tuple[str, str], TileConfig] = {}
 
 
-def set_tile_configs(configs: dict[str, TileConfig] | None) -> None:
-    """Pin tile configs by kernel name (benchmark sweeps, tests); None restores the heuristics."""
+def regime(rows_per_expert: float) -> str:
+    return next(name for bound, name in REGIMES if rows_per_expert < bound)
+
+
+def set_tile_configs(configs: dict[tuple[str, str], TileConfig] | None) -> None:
+    """Pin tile configs by (kernel, regime) (benchmark sweeps, tests); None restores the table."""
     _overrides.clear()
-    if configs:
-        unknown = set(configs) - set(KERNELS)
-        if unknown:
-            raise ValueError(f"unknown MoE kernel names {sorted(unknown)}; expected some of {KERNELS}")
-        _overrides.update(configs)
+    for kernel, reg in configs or {}:
+        if kernel not in KERNELS or reg not in [name for _, name in REGIMES]:
+            raise ValueError(f"unknown MoE tile key {(kernel, reg)}; expected a kernel of {KERNELS} "
+                             f"and a regime of {[name for _, name in REGIMES]}")
+    _overrides.update(configs or {})
 
 
 def tile_config(kernel: str, rows_per_expert: float, dtype: torch.dtype) -> TileConfig:
-    if kernel in _overrides:
-        return _overrides[kernel]
+    key = (kernel, regime(rows_per_expert))
+    if key in _overrides:
+        return _overrides[key]
     if _INTERPRET:  # each program is slow there: few, but still several tiles and masked edges
         if kernel == "dw":
             return TileConfig(32, 32, 16, group_m=2, num_warps=1, num_stages=1)
-        return TileConfig(16, 32, 32, group_m=2, num_warps=1, num_stages=1)
+        return TileConfig(16, 32, 32, group_m=2, num_warps=1, num_stages=1, fused_epilogue=False)
     if dtype == torch.float32:  # exact fp32 runs on FMA units: small tiles, little shared memory
         return TileConfig(64, 64, 32, num_warps=4, num_stages=2)
-    if kernel == "dw":
-        return TileConfig(128, 128, 64, num_warps=8, num_stages=3)
-    # few rows per expert (small batches): short M-tiles waste less on padding, the run is
-    # bound by reading the expert weights
-    block_m = 128 if rows_per_expert >= 768 else 64 if rows_per_expert >= 96 else 32
-    if kernel in ("gate_up", "down_bwd"):
-        return TileConfig(block_m, 128, 64, num_warps=8 if block_m == 128 else 4, num_stages=3)
-    return TileConfig(block_m, 128, 64, num_warps=8 if block_m == 128 else 4, num_stages=4)
+    return _DW if kernel == "dw" else _TUNED[key]
 
 
 def _common(x: torch.Tensor) -> dict:
@@ -111,12 +130,13 @@ def rows_matmul(a, w, w_strides_enk, n: int, r: Routing, scale, kernel: str):
 
 
 def down_backward(dout, down_proj, gu, topk_weights_flat, r: Routing, dgu_out):
-    """dgu [TK, 2I] (written into dgu_out, which may be gu itself), hw = w*h [TK, I], dw partials."""
+    """dgu [TK, 2I] (written into dgu_out, which may be gu itself), hw = w*h [TK, I] and
+    dw [TK] (fp32, pair order) for dout [T, H]."""
     E, H, I = down_proj.shape
     cfg = tile_config("down_bwd", r.num_pairs / E, dout.dtype)
     num_n = triton.cdiv(I, cfg.block_n)
     hw = _empty(r.num_pairs, I, like=dout)
-    dw_part = _empty(num_n, r.num_pairs, like=dout, dtype=torch.float32)
+    dw_part = _empty(num_n if cfg.fused_epilogue else 1, r.num_pairs, like=dout, dtype=torch.float32)
     tile_expert, tile_start = r.tiles(cfg.block_m)
     num_tiles = tile_expert.numel()
     # W_d[e] is [H, I]; dA = dout @ W_d[e]: k runs over H (stride I), n over I (stride 1)
@@ -125,8 +145,16 @@ def down_backward(dout, down_proj, gu, topk_weights_flat, r: Routing, dgu_out):
         r.sorted_token, r.sorted_pair, tile_expert, tile_start, r.expert_offsets,
         num_tiles, E, H, I, r.num_pairs, dout.stride(0),
         down_proj.stride(0), down_proj.stride(2), down_proj.stride(1),
-        EVEN_K=H % cfg.block_k == 0, **_common(dout), **cfg.launch())
-    return dgu_out, hw, dw_part
+        FUSED=cfg.fused_epilogue, EVEN_K=H % cfg.block_k == 0, **_common(dout), **cfg.launch())
+    if cfg.fused_epilogue:
+        dw = _empty(r.num_pairs, like=dout, dtype=torch.float32)
+        dw[r.sorted_pair.long()] = dw_part.sum(dim=0)
+        return dgu_out, hw, dw
+    block_r = 16 if not _INTERPRET else 8
+    K.swiglu_backward_kernel[(triton.cdiv(r.num_pairs, block_r),)](
+        gu, hw, topk_weights_flat, dgu_out, dw_part, r.sorted_pair, r.num_pairs, I,
+        BLOCK_R=block_r, BLOCK_I=256 if not _INTERPRET else 16, num_warps=4)
+    return dgu_out, hw, dw_part.view(-1)
 
 
 def expert_weight_grad(a, a_gather: bool, b, b_gather: bool, r: Routing, num_experts: int):
@@ -146,29 +174,30 @@ def _sum_slots(pairs: torch.Tensor, r: Routing) -> torch.Tensor:
     return pairs.view(r.num_tokens, r.top_k, -1).sum(dim=1)
 
 
+def fused_forward(x, gate_up_proj, down_proj, topk_ids, topk_weights, save_gu: bool):
+    """out [T, H], plus the routing and the gate/up pre-activations when save_gu (for backward)."""
+    E = gate_up_proj.shape[0]
+    r = route(topk_ids, E, tile_config("gate_up", topk_ids.numel() / E, x.dtype).block_m)
+    h, gu = gate_up_swiglu(x, gate_up_proj, r, save_gu=save_gu)
+    # W_d[e] is [H, I]; y = h @ W_d[e]^T: k runs over I (stride 1), n over H (stride I)
+    y = rows_matmul(h, down_proj, (down_proj.stride(0), down_proj.stride(1), down_proj.stride(2)),
+                    x.shape[1], r, topk_weights.contiguous().view(-1), "down")
+    del h
+    return _sum_slots(y, r), r, gu
+
+
 class FusedMoEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gate_up_proj, down_proj, topk_ids, topk_weights):
         T, H = x.shape
-        E = gate_up_proj.shape[0]
         ctx.empty = T * topk_ids.shape[1] == 0
         if ctx.empty:
             ctx.save_for_backward(x, gate_up_proj, down_proj, topk_weights)
             return x.new_zeros(T, H)
         x = x.contiguous()
-        topk_w = topk_weights.contiguous().view(-1)
-        r = route(topk_ids, E)
-        save = any(ctx.needs_input_grad)
-        h, gu = gate_up_swiglu(x, gate_up_proj, r, save_gu=save)
-        # W_d[e] is [H, I]; y = h @ W_d[e]^T: k runs over I (stride 1), n over H (stride I)
-        y = rows_matmul(h, down_proj, (down_proj.stride(0), down_proj.stride(1), down_proj.stride(2)),
-                        H, r, topk_w, "down")
-        del h
-        out = _sum_slots(y, r)
-        if save:
-            ctx.routing = r
-            ctx.backward_done = False
-            ctx.save_for_backward(x, gate_up_proj, down_proj, topk_weights, gu)
+        out, ctx.routing, gu = fused_forward(x, gate_up_proj, down_proj, topk_ids, topk_weights, True)
+        ctx.backward_done = False
+        ctx.save_for_backward(x, gate_up_proj, down_proj, topk_weights, gu)
         return out
 
     @staticmethod
@@ -190,12 +219,10 @@ class FusedMoEFunction(torch.autograd.Function):
         E = gate_up_proj.shape[0]
         dout = dout.contiguous()
         # dgu overwrites gu in place: each element is read, then written, by one program only
-        dgu, hw, dw_part = down_backward(dout, down_proj, gu, topk_weights.contiguous().view(-1), r, gu)
+        dgu, hw, dw = down_backward(dout, down_proj, gu, topk_weights.contiguous().view(-1), r, gu)
         dx = d_gate_up = d_down = d_topk = None
         if need_w:
-            d_flat = _empty(r.num_pairs, like=dout, dtype=torch.float32)
-            d_flat[r.sorted_pair.long()] = dw_part.sum(dim=0)
-            d_topk = d_flat.view_as(topk_weights).to(topk_weights.dtype)
+            d_topk = dw.view_as(topk_weights).to(topk_weights.dtype)
         if need_x:
             # W_gu[e] is [2I, H]; dx = dgu @ W_gu[e]: k runs over 2I (stride H), n over H (stride 1)
             strides = (gate_up_proj.stride(0), gate_up_proj.stride(2), gate_up_proj.stride(1))
@@ -208,5 +235,11 @@ class FusedMoEFunction(torch.autograd.Function):
 
 
 def fused_moe_triton(x, gate_up_proj, down_proj, topk_ids, topk_weights):
-    return FusedMoEFunction.apply(x, gate_up_proj.contiguous(), down_proj.contiguous(),
-                                  topk_ids, topk_weights)
+    gate_up_proj, down_proj = gate_up_proj.contiguous(), down_proj.contiguous()
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, gate_up_proj, down_proj, topk_weights)):
+        return FusedMoEFunction.apply(x, gate_up_proj, down_proj, topk_ids, topk_weights)
+    # no graph (log-probs of the old / reference policy, rollouts): skip saving the pre-activations,
+    # which ctx.needs_input_grad would still ask for under torch.no_grad
+    if x.shape[0] * topk_ids.shape[1] == 0:
+        return x.new_zeros(x.shape)
+    return fused_forward(x.contiguous(), gate_up_proj, down_proj, topk_ids, topk_weights, False)[0]

@@ -1,7 +1,7 @@
 """Benchmark of r1pipe.kernels.fused_moe (Triton) against the expert loop, torch._grouped_mm and Liger's
 fused MoE on one GPU, after a correctness pass against float64 on that GPU. Prints a table last.
 
-  python scripts/bench_moe.py [--sweep] [--out DIR]      (needs CUDA; Liger is optional)
+  python scripts/bench_moe.py [--sweep] [--explore] [--out DIR]   (needs CUDA; Liger optional)
 FLOPs count 6*T*K*H*I forward and 3x that forward+backward. Peers: tests/kernels/test_moe.py has the
 float64 reference; kernels/moe_torch.py is the torch._grouped_mm peer.
 """
@@ -156,53 +156,106 @@ def extra_memory_gib(fn, inputs) -> float:
     return peak / 2**30
 
 
-SWEEP = {
-    "gate_up": [TileConfig(128, 128, 64, 8, 8, 3), TileConfig(128, 128, 64, 8, 8, 4),
-                TileConfig(128, 64, 64, 8, 4, 4), TileConfig(64, 128, 64, 8, 4, 4),
-                TileConfig(128, 128, 32, 8, 8, 5)],
-    "down": [TileConfig(128, 128, 64, 8, 4, 4), TileConfig(128, 256, 64, 8, 8, 3),
-             TileConfig(128, 128, 64, 8, 8, 4), TileConfig(256, 128, 64, 8, 8, 3),
-             TileConfig(64, 256, 64, 8, 4, 4)],
-    "down_bwd": [TileConfig(128, 128, 64, 8, 8, 3), TileConfig(128, 128, 64, 8, 4, 4),
-                 TileConfig(128, 64, 64, 8, 4, 4), TileConfig(128, 256, 64, 8, 8, 3)],
-    "dw": [TileConfig(128, 128, 64, 8, 8, 3), TileConfig(128, 128, 64, 8, 4, 4),
-           TileConfig(128, 256, 64, 8, 8, 3), TileConfig(256, 128, 64, 8, 8, 3),
-           TileConfig(128, 128, 32, 8, 4, 5)],
-}
+_T = TileConfig
 
 
-def sweep(shape, log) -> dict:
-    """Time each kernel alone under several tile configs; returns the best config per kernel."""
-    T, H, I, E, K = (shape[k] for k in "THIEK")
-    x, gu, d, ids, w = make_inputs(**shape, seed=2)
-    r = route(ids, E)
-    wf = w.view(-1)
-    dout = torch.randn_like(x)
-    h, gu_act = moe_triton.gate_up_swiglu(x, gu, r, save_gu=True)
-    dgu = torch.randn_like(gu_act)
-    hw = torch.randn_like(h)
-    calls = {
-        "gate_up": lambda: moe_triton.gate_up_swiglu(x, gu, r, save_gu=True),
-        "down": lambda: moe_triton.rows_matmul(h, d, (d.stride(0), d.stride(1), d.stride(2)), H, r, wf, "down"),
-        "dx": lambda: moe_triton.rows_matmul(dgu, gu, (gu.stride(0), gu.stride(2), gu.stride(1)), H, r, None, "dx"),
-        "down_bwd": lambda: moe_triton.down_backward(dout, d, gu_act, wf, r, dgu),
-        "dw": lambda: (moe_triton.expert_weight_grad(dgu, False, x, True, r, E),
-                       moe_triton.expert_weight_grad(dout, True, hw, False, r, E)),
+def sweep_plan() -> dict:
+    """label: (shape, {kernel: candidate configs}); the label's regime is the shape's (REGIMES)."""
+    v2, v3 = SHAPES["v2"], SHAPES["v3"]
+    return {
+        "xlarge": (v2, {
+            "gate_up": [_T(128, 128, 64, 8, 8, 4), _T(128, 128, 64, 8, 8, 3), _T(128, 128, 32, 8, 8, 5),
+                        _T(256, 64, 64, 8, 8, 3), _T(128, 128, 64, 16, 8, 4)],
+            "down": [_T(128, 256, 64, 8, 8, 3), _T(128, 256, 64, 8, 8, 4), _T(256, 128, 64, 8, 8, 3),
+                     _T(128, 256, 32, 8, 8, 5)],
+            "dx": [_T(128, 256, 64, 8, 8, 3), _T(128, 256, 64, 8, 8, 4), _T(128, 256, 32, 8, 8, 5),
+                   _T(256, 128, 64, 8, 8, 4)],
+            "down_bwd": [_T(128, 128, 64, 8, 8, 4, False), _T(128, 256, 64, 8, 8, 3, False),
+                         _T(128, 128, 64, 8, 8, 3, False), _T(128, 256, 32, 8, 8, 4, False),
+                         _T(128, 64, 64, 8, 4, 4, True), _T(128, 64, 64, 8, 8, 4, True)],
+            "dw": [_T(128, 128, 32, 8, 4, 5), _T(128, 128, 64, 8, 8, 4), _T(128, 128, 32, 8, 8, 5),
+                   _T(128, 256, 32, 8, 8, 4), _T(256, 128, 32, 8, 8, 4), _T(128, 128, 64, 8, 4, 3)]}),
+        "large": (v3, {
+            "gate_up": [_T(128, 128, 64, 8, 8, 4), _T(128, 128, 64, 8, 8, 3), _T(256, 64, 64, 8, 8, 4),
+                        _T(128, 64, 64, 8, 4, 4), _T(64, 128, 64, 8, 4, 4)],
+            "down": [_T(128, 256, 64, 8, 8, 3), _T(128, 128, 64, 8, 8, 4), _T(256, 128, 64, 8, 8, 3),
+                     _T(128, 256, 64, 8, 8, 4), _T(64, 256, 64, 8, 4, 4)]}),
+        "medium": (dict(v2, T=2048), {
+            "gate_up": [_T(64, 128, 64, 8, 4, 4), _T(64, 64, 128, 8, 4, 4), _T(128, 128, 64, 8, 8, 4),
+                        _T(32, 128, 64, 8, 4, 4), _T(64, 128, 64, 8, 8, 4)],
+            "down": [_T(64, 128, 64, 8, 4, 4), _T(64, 256, 64, 8, 8, 3), _T(128, 256, 64, 8, 8, 3),
+                     _T(32, 128, 128, 8, 4, 4), _T(64, 128, 128, 8, 4, 3)]}),
+        "small": (dict(v2, T=512), {
+            "gate_up": [_T(16, 64, 128, 8, 4, 4), _T(16, 128, 64, 8, 4, 4), _T(32, 64, 128, 8, 4, 4),
+                        _T(16, 64, 256, 8, 4, 3), _T(32, 128, 64, 8, 4, 5), _T(16, 32, 256, 8, 4, 4)],
+            "down": [_T(16, 128, 128, 8, 4, 4), _T(16, 64, 128, 8, 4, 4), _T(32, 128, 64, 8, 4, 4),
+                     _T(16, 256, 64, 8, 4, 4), _T(16, 64, 256, 8, 4, 3)]}),
     }
-    flops = {"gate_up": 4, "down": 2, "dx": 4, "down_bwd": 2, "dw": 6}
+
+
+def explore_plan() -> dict:
+    """Candidates beyond the tuned table, timed and logged only (not applied)."""
+    v2, v3 = SHAPES["v2"], SHAPES["v3"]
+    return {
+        "small T=512": (dict(v2, T=512), {
+            "gate_up": [_T(32, 128, 64, 8, 4, 5), _T(64, 128, 64, 8, 4, 4), _T(64, 128, 64, 8, 8, 4),
+                        _T(64, 64, 128, 8, 4, 4), _T(32, 128, 64, 8, 4, 6)],
+            "down": [_T(32, 128, 64, 8, 4, 4), _T(64, 128, 64, 8, 4, 4), _T(64, 256, 64, 8, 8, 3),
+                     _T(32, 256, 64, 8, 4, 4), _T(32, 128, 64, 8, 4, 5)]}),
+        "small T=128": (dict(v2, T=128), {
+            "gate_up": [_T(32, 128, 64, 8, 4, 5), _T(16, 128, 64, 8, 4, 5), _T(16, 128, 64, 8, 4, 6)],
+            "down": [_T(32, 128, 64, 8, 4, 4), _T(16, 128, 64, 8, 4, 4), _T(16, 128, 64, 8, 4, 5)]}),
+        "large V3": (v3, {
+            "gate_up": [_T(128, 128, 64, 8, 8, 3), _T(128, 128, 64, 4, 8, 3), _T(128, 128, 64, 16, 8, 3),
+                        _T(128, 128, 32, 8, 8, 5)],
+            "down": [_T(128, 256, 64, 8, 8, 4), _T(128, 256, 64, 16, 8, 4), _T(128, 256, 64, 4, 8, 4)]}),
+    }
+
+
+def sweep(plan: dict, log) -> dict:
+    """Time each kernel alone under its candidate tile configs; returns the best per (kernel, regime)."""
     best = {}
-    for kernel, configs in list(SWEEP.items()) + [("dx", SWEEP["down"])]:
-        for cfg in configs:
-            moe_triton.set_tile_configs({kernel: cfg})
-            try:
-                ms = do_bench(calls[kernel], warmup=50, rep=200, return_mode="median")
-            except Exception as err:  # e.g. out of shared memory: skip the config
-                log(f"sweep {kernel:8s} {cfg} failed: {type(err).__name__}: {str(err)[:120]}")
-                continue
-            tflops = flops[kernel] * T * K * H * I / ms / 1e9
-            log(f"sweep {kernel:8s} {ms:7.3f} ms {tflops:6.0f} TFLOP/s  {cfg}")
-            if kernel not in best or ms < best[kernel][0]:
-                best[kernel] = (ms, cfg)
+    for label, (shape, per_kernel) in plan.items():
+        if DEV == "cpu":
+            shape = dict(shape, T=max(4, shape["T"] // 400))
+        T, H, I, E, K = (shape[k] for k in "THIEK")
+        reg = moe_triton.regime(T * K / E)
+        log(f"sweep {label}: T={T} H={H} I={I} E={E} K={K}, {T * K / E:.0f} rows per expert -> {reg}")
+        x, gu, d, ids, w = make_inputs(**shape, seed=2)
+        r = route(ids, E)
+        wf = w.view(-1)
+        dout = torch.randn_like(x)
+        h, gu_act = moe_triton.gate_up_swiglu(x, gu, r, save_gu=True)
+        dgu = torch.randn_like(gu_act)
+        hw = torch.randn_like(h)
+        calls = {
+            "gate_up": lambda: moe_triton.gate_up_swiglu(x, gu, r, save_gu=True),
+            "down": lambda: moe_triton.rows_matmul(h, d, (d.stride(0), d.stride(1), d.stride(2)), H, r, wf,
+                                                   "down"),
+            "dx": lambda: moe_triton.rows_matmul(dgu, gu, (gu.stride(0), gu.stride(2), gu.stride(1)), H, r,
+                                                 None, "dx"),
+            "down_bwd": lambda: moe_triton.down_backward(dout, d, gu_act, wf, r, dgu),
+            "dw": lambda: (moe_triton.expert_weight_grad(dgu, False, x, True, r, E),
+                           moe_triton.expert_weight_grad(dout, True, hw, False, r, E)),
+        }
+        flops = {"gate_up": 4, "down": 2, "dx": 4, "down_bwd": 2, "dw": 6}
+        weight_share = {"gate_up": 2 / 3, "down": 1 / 3, "dx": 2 / 3, "down_bwd": 1 / 3, "dw": 1}
+        for kernel, configs in per_kernel.items():
+            for cfg in configs:
+                moe_triton.set_tile_configs({(kernel, reg): cfg})
+                try:
+                    ms = do_bench(calls[kernel], warmup=25, rep=150, return_mode="median")
+                except Exception as err:  # e.g. out of shared memory: skip the config
+                    log(f"sweep {reg} {kernel:8s} {cfg} failed: {type(err).__name__}: {str(err)[:120]}")
+                    continue
+                tflops = flops[kernel] * T * K * H * I / ms / 1e9
+                tbs = weight_share[kernel] * 3 * E * H * I * 2 / ms / 1e9
+                log(f"sweep {reg:6s} {kernel:8s} {ms:7.3f} ms {tflops:6.0f} TFLOP/s {tbs:5.2f} TB/s  {cfg}")
+                if (kernel, reg) not in best or ms < best[kernel, reg][0]:
+                    best[kernel, reg] = (ms, cfg)
+        del x, gu, d, h, gu_act, dgu, hw, dout, calls
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
     moe_triton.set_tile_configs(None)
     return {k: v[1] for k, v in best.items()}
 
@@ -211,6 +264,7 @@ def main():
     global DEV
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true", help="time tile configs per kernel first")
+    ap.add_argument("--explore", action="store_true", help="after the table's runs, time more tile configs")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="CPU + TRITON_INTERPRET=1, tiny shapes")
@@ -234,8 +288,8 @@ def main():
     if not args.skip_check:
         log(f"correctness: {'PASS' if check_correctness(log) else 'FAIL'}")
     if args.sweep:
-        best = sweep(SHAPES["v2"], log)
-        log("best configs: " + json.dumps({k: str(v) for k, v in best.items()}))
+        best = sweep(sweep_plan(), log)
+        log("best configs: {" + ", ".join(f"{k!r}: {v!r}" for k, v in best.items()) + "}")
         moe_triton.set_tile_configs(best)
 
     methods = {"ours (Triton)": fused_moe_triton, "torch._grouped_mm": grouped_mm,
@@ -277,6 +331,9 @@ def main():
         bench(f"V2-Lite T={T}", dict(v2, T=T), backward=False)
     bench(f"V3 T={v3['T']} balanced", v3, backward=False)
     bench(f"V3 T={v3['T']} balanced", v3, peers=())
+
+    if args.explore:
+        sweep(explore_plan(), log)
 
     table = ["| case | method | fwd ms | fwd TFLOP/s | weight TB/s | fwd+bwd ms | fwd+bwd TFLOP/s | extra GiB |",
              "|---|---|---|---|---|---|---|---|"]
