@@ -14,6 +14,8 @@ import os
 
 import torch
 
+from r1pipe.kernels.dispatch import resolve
+
 from r1pipe.kernels.logprob_torch import ChunkedLinearLogprobs
 
 LN2 = math.log(2.0)
@@ -36,6 +38,7 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     when `return_entropy`. Rows with targets == ignore_index give 0 and get no gradient.
     Differentiable in hidden and weight; backend is "auto", "triton" or "torch".
     """
+    backend = resolve(backend)
     _check_inputs(hidden, weight, targets, temperature, backend)
     valid = targets != ignore_index
     safe_targets = torch.where(valid, targets, torch.zeros_like(targets))

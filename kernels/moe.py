@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from r1pipe.kernels.dispatch import resolve
+
 from r1pipe.kernels.moe_torch import moe_reference
 
 __all__ = ["fused_moe", "moe_reference"]
@@ -53,6 +55,7 @@ def fused_moe(x, gate_up_proj, down_proj, topk_ids, topk_weights, backend: str =
     else torch), "triton" (also runs on CPU tensors under TRITON_INTERPRET=1) or "torch".
     """
     _check(x, gate_up_proj, down_proj, topk_ids, topk_weights)
+    backend = resolve(backend)
     if backend == "auto":
         backend = "triton" if _triton_ok(x) else "torch"
     if backend == "triton":
