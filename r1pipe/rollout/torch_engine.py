@@ -24,13 +24,18 @@ class TorchRolloutEngine:
 
     @torch.no_grad()
     def generate(self, prompt_token_ids, n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
-                 max_tokens: int = 64, stop_token_ids=(), seed: int = 0) -> Rollouts:
+                 max_tokens: int = 64, stop_token_ids=(), seed: int = 0, seed_prompt_index=None) -> Rollouts:
+        """`seed_prompt_index[p]`: the index that seeds prompt p's samples (default p). A data-parallel rank
+        passes each prompt's place in the whole step, so that the ranks together sample what one process does."""
+        where = list(range(len(prompt_token_ids))) if seed_prompt_index is None else list(seed_prompt_index)
+        if len(where) != len(prompt_token_ids):
+            raise ValueError(f"seed_prompt_index has {len(where)} entries for {len(prompt_token_ids)} prompts")
         jobs = [(p, k) for p in range(len(prompt_token_ids)) for k in range(n)]
         results = {}
         for start in range(0, len(jobs), self.max_batch):
             chunk = jobs[start : start + self.max_batch]
             out = self._generate_batch([prompt_token_ids[p] for p, _ in chunk],
-                                       [sample_seed(seed, p, k) for p, k in chunk],
+                                       [sample_seed(seed, where[p], k) for p, k in chunk],
                                        temperature, top_p, max_tokens, set(stop_token_ids))
             results.update(zip(chunk, out))
         ordered = [results[j] for j in jobs]
@@ -41,7 +46,7 @@ class TorchRolloutEngine:
             completion_ids=[o[0] for o in ordered],
             logprobs=[o[1] for o in ordered],
             finish_reason=[o[2] for o in ordered],
-            seeds=[sample_seed(seed, p, k) for p, k in jobs],
+            seeds=[sample_seed(seed, where[p], k) for p, k in jobs],
         )
 
     def _generate_batch(self, prompts, seeds, temperature, top_p, max_tokens, stop_ids):

@@ -275,6 +275,9 @@ def run(recipe, resume: bool = False, max_steps: int | None = None) -> Path:
     rc = recipe
     session = open_session(rc, resume, max_steps)
     acc, policy = session.accelerator, session.policy
+    if rc.train.prompts_per_step < acc.num_processes:
+        raise ValueError(f"train.prompts_per_step={rc.train.prompts_per_step} is smaller than the {acc.num_processes} "
+                         "processes: prompts are sharded by rank, so every rank needs at least one a step")
     reference = None
     if rc.grpo.beta and is_lora(policy):  # the base with adapters off: no second model in memory
         reference = base_reference(policy, rc.grpo.ref_reset_every)

@@ -4,13 +4,14 @@ update after every step. Rows need `prompt` and a response column (`completion`,
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from pathlib import Path
 
 import torch
 
-from r1pipe.training.packing import pack_sequences
+from r1pipe.training.packing import pack_sequences, placeholder_batch
 from r1pipe.training.state import select_rows
 
 
@@ -29,19 +30,27 @@ def sft_step(session, rows, prompt_ids, response_ids, step: int) -> dict:
     if acc.num_processes > 1:
         n_tokens = int(acc.reduce(torch.tensor(n_tokens, device=acc.device), reduction="sum").item())
     t0, total, loads = time.time(), 0.0, None
-    for b in batches:
+    if not batches and acc.num_processes > 1:  # a rank without rows joins the others' all-reduce with zeros
+        b = placeholder_batch(session.tokenizer.pad_token_id or 0).to(acc.device)
+        acc.backward(wrapped(b.input_ids, position_ids=b.position_ids, targets=b.targets).sum() * 0.0)
+        loads = session.policy.expert_loads() * 0  # and the expert-load all-reduce below
+    for i, b in enumerate(batches):
         b = b.to(acc.device)
-        logp = b.unpack(wrapped(b.input_ids, position_ids=b.position_ids, targets=b.targets))
-        # token mean over the whole step (all micro-batches, all ranks; DDP averages over ranks)
-        loss = -(logp * b.completion_mask).sum() * acc.num_processes / max(n_tokens, 1)
-        balance = session.policy.balance_loss()
-        if balance is not None:
-            loss = loss + balance / len(batches)
-        acc.backward(loss)
+        # DDP all-reduces on the last micro-batch only: ranks may hold different numbers of them
+        with contextlib.nullcontext() if i == len(batches) - 1 else acc.no_sync(wrapped):
+            logp = b.unpack(wrapped(b.input_ids, position_ids=b.position_ids, targets=b.targets))
+            # token mean over the whole step (all micro-batches, all ranks; DDP averages over ranks)
+            loss = -(logp * b.completion_mask).sum() * acc.num_processes / max(n_tokens, 1)
+            balance = session.policy.balance_loss()
+            if balance is not None:
+                loss = loss + balance / len(batches)
+            acc.backward(loss)
         total += loss.item()
         step_loads = session.policy.expert_loads()
         loads = step_loads if loads is None else loads + step_loads
     grad_norm = acc.clip_grad_norm_(wrapped.parameters(), rc.optim.max_grad_norm)
+    if acc.num_processes > 1:  # the step's loss over all ranks; one rank's NaN skips the step everywhere
+        total = acc.reduce(torch.tensor(total, dtype=torch.float64, device=acc.device), reduction="sum").item()
     skipped = not (math.isfinite(total) and torch.isfinite(torch.as_tensor(grad_norm)))
     if not skipped:
         session.optimizer.step()
@@ -51,7 +60,7 @@ def sft_step(session, rows, prompt_ids, response_ids, step: int) -> dict:
         if acc.num_processes > 1:
             loads = acc.reduce(loads, reduction="sum")
         session.policy.update_expert_bias(loads, rc.train.bias_update_speed)
-    return {"loss": total / acc.num_processes if acc.num_processes > 1 else total, "grad_norm": float(grad_norm),
+    return {"loss": total / acc.num_processes, "grad_norm": float(grad_norm),
             "skipped_nonfinite": float(skipped), "lr": session.scheduler.get_last_lr()[0],
             "train_tokens_per_s": sum(b.num_tokens for b in batches) / max(time.time() - t0, 1e-9)}
 

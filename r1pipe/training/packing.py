@@ -82,3 +82,9 @@ def _build(indices, prompts, completions) -> PackedBatch:
         completion_mask=mask,
         seq_index=torch.tensor(indices),
     )
+
+
+def placeholder_batch(pad_token_id: int = 0) -> PackedBatch:
+    """One token predicting one token: what a data-parallel rank without sequences runs forward and
+    backward (times 0), so it still joins the gradient all-reduce the other ranks start."""
+    return pack_sequences([[pad_token_id]], [[pad_token_id]], 2)[0]

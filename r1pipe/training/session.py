@@ -47,10 +47,13 @@ class TrainSession:
 
 
 def open_session(recipe, resume: bool, max_steps: int | None, total_steps: int | None = None) -> TrainSession:
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedDataParallelKwargs
 
     out_dir = Path(recipe.output_dir)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    # No buffer broadcast in DDP forwards: ranks run different numbers of micro-batches, and the buffers
+    # (balancing bias, updated from all-reduced loads; rope tables; last loads) agree or are per-rank.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                              kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
     torch.manual_seed(recipe.train.seed)
     total = max_steps if max_steps is not None else (total_steps or recipe.train.max_steps)
     ckpt = latest_checkpoint(out_dir) if resume else None

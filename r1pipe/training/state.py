@@ -75,9 +75,15 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     if not pointer.is_file():
         return None
     path = pointer.parent / pointer.read_text().strip()
-    if not (path / "meta.json").is_file():
-        raise FileNotFoundError(f"{pointer} names {path}, which is missing or incomplete (no meta.json)")
-    return path
+    if (path / "meta.json").is_file():
+        return path
+    # A kill inside replace_dir while a step was saved a second time (a resumed finished run) leaves the
+    # pointer on a renamed-away dir; the newest complete checkpoint resumes just as exactly.
+    complete = [p for p in pointer.parent.glob("step-*") if (p / "meta.json").is_file()]
+    if complete:
+        return max(complete, key=lambda p: int(p.name.split("-")[1]))
+    raise FileNotFoundError(f"{pointer} names {path}, which is missing or incomplete (no meta.json), "
+                            f"and {pointer.parent} holds no other complete step-* checkpoint")
 
 
 def load_trainer_state(ckpt: Path, optimizer, scheduler) -> dict:
