@@ -99,6 +99,7 @@ class RejectSection:
     n: int = 16
     keep: Literal["correct", "all", "best"] = "correct"
     max_per_prompt: int = 4
+    keep_truncated: bool = False  # R1 keeps only finished chains
     prompts: str = "tiny_arith:train"
     limit: int | None = None
 

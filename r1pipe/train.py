@@ -73,7 +73,8 @@ def dry_run_recipe(recipe):
     if not Path(recipe.reject.prompts).exists():
         recipe.reject.prompts = "tiny_arith:train?n=64"
     recipe.reject.limit, recipe.reject.n = 2, min(recipe.reject.n, 2)
-    recipe.reject.keep = "all"  # an untrained stand-in is never correct; keep its samples so the next SFT has data
+    # an untrained stand-in is never correct and rarely finishes: keep its samples so the next SFT has data
+    recipe.reject.keep, recipe.reject.keep_truncated = "all", True
     return recipe
 
 

@@ -120,15 +120,19 @@ class VLLMRolloutEngine:
         max_tokens: int,
         stop_token_ids: list[int] | None = None,
         seed: int,
+        seed_prompt_index: list[int] | None = None,
     ) -> Rollouts:
-        """n samples per prompt, prompt-major; each (prompt i, sample j) is its own seeded request."""
+        """n samples per prompt, prompt-major; each (prompt i, sample j) is its own seeded request.
+        `seed_prompt_index[i]` (default i) seeds prompt i: a data-parallel rank passes each prompt's place in
+        the whole step, so the ranks together sample what one process would."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         prompts, params, prompt_index, sample_index, seeds = [], [], [], [], []
+        where = list(range(len(prompt_token_ids))) if seed_prompt_index is None else list(seed_prompt_index)
         for i, ids in enumerate(prompt_token_ids):
             for j in range(n):
-                s = sample_seed(seed, i, j)
+                s = sample_seed(seed, where[i], j)
                 prompts.append(TokensPrompt(prompt_token_ids=list(ids)))
                 params.append(
                     SamplingParams(

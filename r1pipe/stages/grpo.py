@@ -252,7 +252,7 @@ def _peak_memory_gb() -> float:
 # ---- setting up and running the stage -------------------------------------------------------------
 
 
-def make_engine(recipe, policy, tokenizer, out_dir: Path):
+def make_engine(recipe, policy, tokenizer, out_dir: Path, rank: int = 0):
     """The rollout engine of `recipe.rollout.engine`; vLLM starts from a snapshot of the current policy."""
     if recipe.rollout.engine == "torch":
         from r1pipe.rollout.torch_engine import TorchRolloutEngine
@@ -260,7 +260,8 @@ def make_engine(recipe, policy, tokenizer, out_dir: Path):
         return TorchRolloutEngine(policy, pad_token_id=tokenizer.pad_token_id or 0)
     from r1pipe.rollout.vllm_engine import VLLMRolloutEngine
 
-    snapshot = policy.save_pretrained(out_dir / "rollout_snapshot", tokenizer=tokenizer)
+    # one snapshot per rank: ranks start their engines at the same time
+    snapshot = policy.save_pretrained(out_dir / f"rollout_snapshot-rank{rank}", tokenizer=tokenizer)
     max_len = recipe.rollout.max_model_len or min(policy.config.max_position_embeddings, 4096)
     return VLLMRolloutEngine(snapshot, max_model_len=max_len, gpu_memory_utilization=recipe.rollout.gpu_memory_utilization,
                              seed=recipe.train.seed)
@@ -287,7 +288,7 @@ def run(recipe, resume: bool = False, max_steps: int | None = None) -> Path:
         reference.requires_grad_(False).eval()
     rows = load_prompt_dataset(rc.data.train).to_list()[: rc.data.limit]
     prompt_ids = [format_prompt(session.tokenizer, r["prompt"]) for r in rows]
-    engine = make_engine(rc, policy, session.tokenizer, session.out_dir)
+    engine = make_engine(rc, policy, session.tokenizer, session.out_dir, acc.process_index)
     rewards = RewardRunner(rc.rewards, none_policy="drop_group" if rc.grpo.failed_reward == "drop_group" else "zero",
                            base_dir=Path(rc.source).parent if rc.source else None)
     state = GRPORun(rc, acc, session.wrapped, reference, session.tokenizer, engine, rewards, session.optimizer,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def run(recipe, resume: bool = False, max_steps: int | None = None) -> Path:
-    from r1pipe.reject_sample import reject_sample
+    from r1pipe.reject_sample import CotFilters, reject_sample
 
     if not recipe.model.path:
         raise ValueError(f"{recipe.source}: a reject stage samples from a checkpoint; set model.path")
@@ -18,5 +18,6 @@ def run(recipe, resume: bool = False, max_steps: int | None = None) -> Path:
         keep=recipe.reject.keep, max_per_prompt=recipe.reject.max_per_prompt, temperature=recipe.rollout.temperature,
         top_p=recipe.rollout.top_p, max_tokens=recipe.rollout.max_tokens, seed=recipe.train.seed,
         limit=recipe.reject.limit, engine_kwargs={"max_model_len": max_len},
+        filters=CotFilters(drop_truncated=not recipe.reject.keep_truncated),
     )
     return out  # resume is built in: prompts already in samples.jsonl are skipped
