@@ -73,8 +73,6 @@ class PackedSegments:
         offsets = torch.arange(width, device=flat.device)
         self.valid = offsets[None, :] < lengths[:, None]
         self.index = (begin[:, None] + offsets[None, :]).clamp(max=flat.numel() - 1)
-        causal = offsets[None, :] <= offsets[:, None]
-        self.mask = (causal[None] & self.valid[:, None, :])[:, None]  # [n, 1, Lmax, Lmax]
 
     def attend(self, q, k, v, scale: float) -> torch.Tensor:
         """q, k, v [B, heads, T, d] -> attention output [B, T, heads*dv] within each sequence."""
@@ -84,7 +82,10 @@ class PackedSegments:
             flat = x.transpose(1, 2).reshape(b * t, heads, x.shape[-1])
             return flat[self.index].transpose(1, 2)  # [n, heads, Lmax, d]
 
-        out = F.scaled_dot_product_attention(to_segments(q), to_segments(k), to_segments(v), attn_mask=self.mask, scale=scale)
+        # Plain causal attention, no mask: each segment is right-padded, so a real query's causal window holds
+        # only its own sequence's keys; padded queries see padding and are dropped below. Mask-free SDPA can
+        # take the fused flash/cuDNN paths, which a dense [n, Lmax, Lmax] mask rules out.
+        out = F.scaled_dot_product_attention(to_segments(q), to_segments(k), to_segments(v), is_causal=True, scale=scale)
         out = out.transpose(1, 2)[self.valid]  # [B*T, heads, dv], in token order
         return out.reshape(b, t, -1)
 

@@ -126,13 +126,17 @@ class DeepSeekPolicy(nn.Module):
         from r1pipe.kernels import fused_linear_logprobs
 
         b, t, h = hidden.shape
+        flat_targets = targets.reshape(-1)
+        # Only positions with a target go through the LM head: prompt positions of a packed GRPO row are a
+        # quarter or more of its tokens, and the [tokens x vocab] product is the biggest GEMM of the model.
+        rows = (flat_targets != -100).nonzero().squeeze(1)
         out = fused_linear_logprobs(
-            hidden.reshape(b * t, h), self.lm_head.weight, targets.reshape(-1),
+            hidden.reshape(b * t, h).index_select(0, rows), self.lm_head.weight, flat_targets.index_select(0, rows),
             temperature=temperature, return_entropy=return_entropy,
         )
-        if return_entropy:
-            return out[0].view(b, t), out[1].view(b, t)
-        return out.view(b, t)
+        outs = out if return_entropy else (out,)
+        full = [o.new_zeros(b * t).index_copy(0, rows, o).view(b, t) for o in outs]
+        return tuple(full) if return_entropy else full[0]
 
     def token_logprobs(self, input_ids, targets, attention_mask=None, position_ids=None, temperature=1.0, return_entropy=False):
         """Per-token log π(targets) (see forward)."""
@@ -162,14 +166,18 @@ class DeepSeekPolicy(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None, std: float | None = None) -> "DeepSeekPolicy":
-        """Random init (normal(0, initializer_range) matrices, unit norms), for from-scratch models."""
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        """Random init (normal(0, initializer_range) matrices, unit norms), for from-scratch models.
+
+        Draws on the parameters' device (a GPU-built model initialises there, fast): a seed gives the same
+        weights on the same kind of device."""
+        device = next(self.parameters()).device
+        gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
         std = self.config.initializer_range if std is None else std
         for name, p in self.named_parameters():
             if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
                 p.fill_(1.0)
             else:
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32, device=device) * std)
         return self
 
     @classmethod

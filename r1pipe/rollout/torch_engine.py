@@ -71,17 +71,23 @@ class TorchRolloutEngine:
             probs = torch.softmax(logits / temperature, dim=-1) if temperature > 0 else None
             if probs is not None and top_p < 1.0:
                 probs = _top_p(probs, top_p)
-            next_tokens = []
-            for i in range(len(prompts)):
-                tok = int(torch.multinomial(probs[i], 1, generator=generators[i])) if probs is not None else int(logits[i].argmax())
-                next_tokens.append(tok)
+            if probs is None:
+                step = logits.argmax(-1)
+            else:
+                # The exponential race: argmax(p / E), E ~ Exp(1) i.i.d., is an exact draw from p. Each row's noise
+                # comes from its own generator (batch-independent samples), and the whole batch picks its tokens
+                # in one kernel with one host sync per step (a per-row multinomial would sync once per row).
+                noise = torch.stack([torch.empty(probs.shape[1], device=device).exponential_(generator=g) for g in generators])
+                step = (probs / noise.clamp_min_(1e-30)).argmax(-1)
+            picked = logp.gather(1, step[:, None]).squeeze(1)
+            for i, (tok, lp) in enumerate(zip(step.tolist(), picked.tolist())):
                 if not done[i]:
                     out_ids[i].append(tok)
-                    out_lps[i].append(float(logp[i, tok]))
+                    out_lps[i].append(lp)
                     done[i] = tok in stop_ids
             if all(done):
                 break
-            step = torch.tensor(next_tokens, device=device)[:, None]
+            step = step[:, None]
             logits = policy(step, attention_mask=torch.ones_like(step), cache=cache).logits[:, -1].float()
         policy.train(was_training)
         reasons = ["stop" if out_ids[i] and out_ids[i][-1] in stop_ids else "length" for i in range(len(prompts))]

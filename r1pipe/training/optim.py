@@ -8,7 +8,10 @@ import torch
 
 def build_optimizer(params, optim, max_steps: int):
     params = [p for p in params if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
+    # the fused CUDA kernel: one launch for all parameters instead of a foreach chain (what TRL picks too)
+    fused = bool(params) and all(p.is_cuda for p in params)
+    optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay,
+                                  fused=fused or None)
 
     def factor(step: int) -> float:
         if optim.warmup_steps and step < optim.warmup_steps:

@@ -1,0 +1,56 @@
+"""The torch rollout engine samples what the policy says: token frequencies against the policy's own softmax
+(an independent full forward), reported log-probs against log_softmax, nucleus respected, and a sample that
+does not depend on the batch it shares."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from r1pipe.model import DeepSeekPolicy
+from r1pipe.model.tiny import tiny_config
+from r1pipe.rollout.torch_engine import TorchRolloutEngine
+
+VOCAB = 24
+PROMPT = [3, 7, 5, 11]
+
+
+@pytest.fixture(scope="module")
+def policy():
+    # large weights: a next-token distribution far from uniform, so frequency errors would show
+    return DeepSeekPolicy(tiny_config("deepseek_v3", vocab_size=VOCAB)).init_weights(seed=3, std=0.3).eval()
+
+
+def next_token_probs(policy, prompt, temperature=1.0):
+    with torch.no_grad():
+        logits = policy(torch.tensor([prompt])).logits[0, -1].double()
+    return torch.softmax(logits / temperature, -1), torch.log_softmax(logits, -1)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_frequencies_follow_the_policy(policy, temperature):
+    n = 6000
+    out = TorchRolloutEngine(policy, max_batch=1024).generate([PROMPT], n=n, temperature=temperature, max_tokens=1, seed=5)
+    counts = torch.bincount(torch.tensor([c[0] for c in out.completion_ids]), minlength=VOCAB).double()
+    probs, logp = next_token_probs(policy, PROMPT, temperature)
+    assert probs.max() > 0.15  # the test has teeth: far from uniform (1/24)
+    tv = 0.5 * (counts / n - probs).abs().sum().item()
+    assert tv < 0.04, f"total variation {tv:.3f} between sampled frequencies and the policy's softmax"
+    reported = torch.tensor([lp[0] for lp in out.logprobs], dtype=torch.float64)
+    expected = logp[torch.tensor([c[0] for c in out.completion_ids])]
+    torch.testing.assert_close(reported, expected, atol=1e-4, rtol=0)  # raw log-probs, as vLLM reports
+
+
+def test_top_p_draws_only_from_the_nucleus(policy):
+    probs, _ = next_token_probs(policy, PROMPT)
+    sorted_p, order = probs.sort(descending=True)
+    nucleus = set(order[: int((sorted_p.cumsum(0) < 0.6).sum()) + 1].tolist())
+    assert len(nucleus) < VOCAB // 2
+    out = TorchRolloutEngine(policy).generate([PROMPT], n=500, top_p=0.6, max_tokens=1, seed=1)
+    assert {c[0] for c in out.completion_ids} <= nucleus
+
+
+def test_a_sample_does_not_depend_on_its_batch(policy):
+    alone = TorchRolloutEngine(policy).generate([PROMPT], n=3, max_tokens=6, seed=9)
+    shared = TorchRolloutEngine(policy).generate([[4, 4], PROMPT], n=3, max_tokens=6, seed=9, seed_prompt_index=[1, 0])
+    assert shared.completion_ids[3:] == alone.completion_ids
+    assert shared.completion_ids[:3] != alone.completion_ids
