@@ -130,6 +130,9 @@ class DeepSeekPolicy(nn.Module):
         # Only positions with a target go through the LM head: prompt positions of a packed GRPO row are a
         # quarter or more of its tokens, and the [tokens x vocab] product is the biggest GEMM of the model.
         rows = (flat_targets != -100).nonzero().squeeze(1)
+        if rows.numel() == 0:  # nothing to score: zeros still joined to the graph (no empty kernel launch)
+            zero = hidden.sum() * 0.0 + torch.zeros(b, t, device=hidden.device, dtype=torch.float32)
+            return (zero, zero.clone()) if return_entropy else zero
         out = fused_linear_logprobs(
             hidden.reshape(b * t, h).index_select(0, rows), self.lm_head.weight, flat_targets.index_select(0, rows),
             temperature=temperature, return_entropy=return_entropy,
