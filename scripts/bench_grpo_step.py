@@ -151,40 +151,14 @@ def r1pipe_step_fn(args, policy, prompts, completions, advantages):
 # ---- TRL: GRPOTrainer's own loss path on transformers' model ----------------------------------------------
 
 
-class OneGPUAccelerator:
-    """What `_get_per_token_logps_and_entropies` and `_compute_loss` call on the accelerator, for one process
-    (a full `Accelerator` would also work; this keeps TRL's Trainer machinery out of the timed path)."""
-
-    num_processes = 1
-    is_main_process = True
-    sync_gradients = True
-
-    def autocast(self):
-        return torch.autocast(DEVICE, dtype=torch.bfloat16)
-
-    def gather(self, x):
-        return x
-
-    gather_for_metrics = gather
-
-    def reduce(self, x, reduction="sum"):
-        return x
-
-    def pad_across_processes(self, x, dim=0, pad_index=0):
-        return x
-
-    def unwrap_model(self, model):
-        return model
-
-
 def trl_step_fn(args, policy, config, prompts, completions, advantages, impl):
     import copy
-    from collections import defaultdict
 
     from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
     from trl import GRPOConfig
-    from trl.trainer.grpo_trainer import GRPOTrainer
     from trl.trainer.utils import add_fused_lm_head
+
+    from r1pipe.grpo.trl_reference import SingleProcessAccelerator, grpo_trainer_skeleton
 
     hf_config = DeepseekV2Config(**{k: v for k, v in config.to_dict().items() if k != "architectures"})
     with torch.device(DEVICE):
@@ -210,22 +184,8 @@ def trl_step_fn(args, policy, config, prompts, completions, advantages, impl):
                       outputs=("log_probs", "entropy"))
     add_fused_lm_head(ref_model, temperature=1.0, cast_lm_head_to_fp32=targs.cast_lm_head_to_fp32)
 
-    trainer = object.__new__(GRPOTrainer)  # the attributes GRPOTrainer.__init__ derives and the loss reads
-    trainer.args, trainer.loss_type, trainer.beta = targs, targs.loss_type, targs.beta
-    trainer.epsilon_low = targs.epsilon
-    trainer.epsilon_high = targs.epsilon_high if targs.epsilon_high is not None else targs.epsilon
-    trainer.importance_sampling_level = targs.importance_sampling_level
-    trainer.top_entropy_quantile = targs.top_entropy_quantile
-    trainer.off_policy_mask_threshold = targs.off_policy_mask_threshold
-    trainer.max_completion_length = targs.max_completion_length
-    trainer.entropy_coef, trainer.use_adaptive_entropy = targs.entropy_coef, targs.use_adaptive_entropy
-    trainer._entropy_bonus_enabled = False
-    trainer.aux_loss_enabled = False
-    trainer.use_vllm = trainer.vllm_importance_sampling_correction = False
-    trainer.current_gradient_accumulation_steps = n_micro
-    trainer.accelerator = OneGPUAccelerator()
-    trainer.model, trainer.ref_model, trainer.temperature = model, ref_model, 1.0
-    trainer._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+    # TRL's loss code without its Trainer (which would also time data loading and logging)
+    trainer = grpo_trainer_skeleton(targs, SingleProcessAccelerator(autocast_device=DEVICE), model, ref_model)
 
     # TRL's batch layout: prompts left-padded, completions right-padded, to the generation batch's maxima
     pw, cw = max(len(p) for p in prompts), max(len(c) for c in completions)

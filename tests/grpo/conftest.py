@@ -8,34 +8,10 @@ attributes `_compute_loss` reads, and `_get_per_token_logps_and_entropies` retur
 from __future__ import annotations
 
 import tempfile
-from collections import defaultdict
 from types import SimpleNamespace
 
 import pytest
 import torch
-
-
-class SingleProcessAccelerator:
-    """The accelerate calls `_compute_loss` makes, for one process (where they are identities).
-
-    A stand-in instead of `accelerate.Accelerator()`, whose process-wide singleton state would leak
-    into other tests of the same pytest session.
-    """
-
-    num_processes = 1
-    is_main_process = True
-    sync_gradients = True
-
-    def gather(self, x):
-        return x
-
-    gather_for_metrics = gather
-
-    def reduce(self, x, reduction="sum"):
-        return x
-
-    def pad_across_processes(self, x, dim=0, pad_index=0):
-        return x
 
 
 def trl_loss_and_grads(
@@ -56,31 +32,13 @@ def trl_loss_and_grads(
     `importance_sampling_ratio` turns on TRL's vLLM IS correction with those precomputed weights.
     """
     from trl import GRPOConfig
-    from trl.trainer.grpo_trainer import GRPOTrainer
+
+    from r1pipe.grpo.trl_reference import SingleProcessAccelerator, grpo_trainer_skeleton
 
     with tempfile.TemporaryDirectory() as out:
         args = GRPOConfig(output_dir=out, report_to="none", use_cpu=True, **trl_args)
-    trainer = object.__new__(GRPOTrainer)
-    # What GRPOTrainer.__init__ derives from args and _compute_loss reads (trl 1.16 grpo_trainer.py).
-    trainer.args = args
-    trainer.loss_type = args.loss_type
-    trainer.beta = args.beta
-    trainer.epsilon_low = args.epsilon
-    trainer.epsilon_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
-    trainer.importance_sampling_level = args.importance_sampling_level
-    trainer.top_entropy_quantile = args.top_entropy_quantile
-    trainer.off_policy_mask_threshold = args.off_policy_mask_threshold
-    trainer.max_completion_length = args.max_completion_length
-    trainer.entropy_coef = args.entropy_coef
-    trainer.use_adaptive_entropy = args.use_adaptive_entropy
-    trainer._entropy_bonus_enabled = trainer.entropy_coef != 0.0 or trainer.use_adaptive_entropy
-    trainer.aux_loss_enabled = False  # no MoE router logits in this skeleton
-    trainer.use_vllm = importance_sampling_ratio is not None
-    trainer.vllm_importance_sampling_correction = importance_sampling_ratio is not None
-    trainer.current_gradient_accumulation_steps = args.gradient_accumulation_steps
-    trainer.accelerator = SingleProcessAccelerator()
-    trainer.model = SimpleNamespace(training=True)
-    trainer._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+    trainer = grpo_trainer_skeleton(args, SingleProcessAccelerator(), SimpleNamespace(training=True),
+                                    vllm_importance_sampling=importance_sampling_ratio is not None)
 
     logp = logp.detach().clone().requires_grad_(True)
     ent = None
