@@ -130,6 +130,12 @@ def grpo_step(run: GRPORun, step: int) -> dict:
     return metrics
 
 
+def old_policy_is_training_forward(grpo_config) -> bool:
+    """With one pass and no TIS correction pi_old is the training forward's own policy (ratio 1, no
+    clipping): its log-probs, entropy and expert loads can come from that forward, saving a no-grad pass."""
+    return grpo_config.num_iterations == 1 and not grpo_config.tis_cap
+
+
 def update_policy(run: GRPORun, batches, kept, advantages, rollouts, truncated, n_seqs, n_tokens) -> dict:
     """mu passes over the micro-batches; returns loss/KL/clip/entropy/mismatch metrics."""
     rc, acc, policy = run.recipe, run.accelerator, run.policy
@@ -137,28 +143,21 @@ def update_policy(run: GRPORun, batches, kept, advantages, rollouts, truncated, 
     batches = [b.to(device) for b in batches]
     mu = rc.grpo.num_iterations
     run.policy_loads = None
+    old_from_training = old_policy_is_training_forward(rc.grpo)
     # pi_old = the sampling policy (this step's weights before any update), and pi_ref
     old, ref, entropies = [], [], []
     with torch.no_grad():  # the unwrapped model: a DDP forward here would join collectives other ranks skip
         for b in batches:
-            lp, ent = run.model(b.input_ids, position_ids=b.position_ids, targets=b.targets, return_entropy=True)
-            old.append(b.unpack(lp))
-            entropies.append(b.unpack(ent))
-            _add_loads(run)
+            if not old_from_training:
+                lp, ent = run.model(b.input_ids, position_ids=b.position_ids, targets=b.targets, return_entropy=True)
+                old.append(b.unpack(lp))
+                entropies.append(b.unpack(ent))
+                _add_loads(run)
             if run.reference is not None and rc.grpo.beta:
                 ref.append(b.unpack(run.reference(b.input_ids, position_ids=b.position_ids, targets=b.targets)))
-    if run.policy_loads is None and acc.num_processes > 1 and run.model.expert_loads().numel():
-        run.policy_loads = torch.zeros_like(run.model.expert_loads())  # still joins the load all-reduce
     metrics = {}
     sampler = [_sampler_logprobs(b, kept, rollouts, device) for b in batches]
     masks = [b.completion_mask * (1.0 - _truncated_rows(b, kept, truncated, rc.grpo.mask_truncated, device)) for b in batches]
-    mism = [logprob_mismatch(s, o, b.completion_mask.bool()) for s, o, b in zip(sampler, old, batches)]
-    if mism:
-        metrics["logprob_mismatch_max"] = max(m["logprob_mismatch_max"] for m in mism)
-        metrics["logprob_mismatch_mean"] = sum(m["logprob_mismatch_mean"] for m in mism) / len(mism)
-    ent_tokens = sum(float(b.completion_mask.sum()) for b in batches)
-    if ent_tokens:
-        metrics["entropy"] = sum(float((e * b.completion_mask).sum()) for e, b in zip(entropies, batches)) / ent_tokens
     sums: dict[str, float] = {}
     if n_seqs == 0:  # every rank dropped every sample (dynamic sampling): nothing to learn from this step
         mu = 0
@@ -168,7 +167,14 @@ def update_policy(run: GRPORun, batches, kept, advantages, rollouts, truncated, 
         for i, b in enumerate(batches):
             # DDP all-reduces on the last micro-batch only: ranks may hold different numbers of them
             with contextlib.nullcontext() if i == len(batches) - 1 else acc.no_sync(policy):
-                logp = b.unpack(policy(b.input_ids, position_ids=b.position_ids, targets=b.targets))
+                out = policy(b.input_ids, position_ids=b.position_ids, targets=b.targets, return_entropy=old_from_training)
+                if old_from_training:
+                    logp, ent = b.unpack(out[0]), b.unpack(out[1].detach())
+                    old.append(logp.detach())
+                    entropies.append(ent)
+                    _add_loads(run)
+                else:
+                    logp = b.unpack(out)
                 adv = advantages[[kept[j] for j in b.seq_index.tolist()]].to(device)
                 is_w = truncated_is_weights(old[i], sampler[i], masks[i], clip_max=rc.grpo.tis_cap) if rc.grpo.tis_cap else None
                 loss, m = clipped_policy_loss(
@@ -207,8 +213,24 @@ def update_policy(run: GRPORun, batches, kept, advantages, rollouts, truncated, 
         run.optimizer.zero_grad(set_to_none=True)
         metrics["grad_norm"] = float(grad_norm)
     run.scheduler.step()
+    if run.policy_loads is None and acc.num_processes > 1 and run.model.expert_loads().numel():
+        run.policy_loads = torch.zeros_like(run.model.expert_loads())  # still joins the load all-reduce
+    metrics.update(_old_policy_metrics(batches, sampler, old, entropies))
     metrics.update({k: v / mu for k, v in sums.items() if k != "nonfinite"})
     metrics["skipped_nonfinite"] = metrics.get("skipped_nonfinite", 0.0)
+    return metrics
+
+
+def _old_policy_metrics(batches, sampler, old, entropies) -> dict:
+    """Sampler-vs-trainer log-prob mismatch and the completion tokens' mean entropy under pi_old."""
+    metrics = {}
+    mism = [logprob_mismatch(s, o, b.completion_mask.bool()) for s, o, b in zip(sampler, old, batches)]
+    if mism:
+        metrics["logprob_mismatch_max"] = max(m["logprob_mismatch_max"] for m in mism)
+        metrics["logprob_mismatch_mean"] = sum(m["logprob_mismatch_mean"] for m in mism) / len(mism)
+    ent_tokens = sum(float(b.completion_mask.sum()) for b in batches[: len(entropies)])
+    if ent_tokens:
+        metrics["entropy"] = sum(float((e * b.completion_mask).sum()) for e, b in zip(entropies, batches)) / ent_tokens
     return metrics
 
 
