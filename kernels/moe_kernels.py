@@ -7,7 +7,8 @@ load, never copied into a permuted buffer. moe_triton.py launches these and hold
   down_backward:   dA = dout W_d; SwiGLU backward; dw partials; h*w for the down weight gradient
   swiglu_backward: the SwiGLU backward as its own pass, for when down_backward only stores dA
   expert_weight_grad: dW_e = A_e^T B_e over the expert's rows (both weight gradients)
-  routing_tiles:   expert offsets and the M-tile map from the sorted expert ids (moe_routing.py)
+  routing_count / routing_scatter: a stable counting sort of the pairs by expert, expert offsets and
+                   the M-tile map (moe_routing.py); routing_tiles: the tile map for another BLOCK_M
 """
 import triton
 import triton.language as tl
@@ -38,6 +39,13 @@ def _grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _tile_of(tile_expert_ptr, num_tiles, N, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    # this program's (M-tile, N-block) and the M-tile's expert (E for a spare tile)
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), num_tiles, tl.cdiv(N, BLOCK_N), GROUP_M)
+    return pid_m, pid_n, tl.load(tile_expert_ptr + pid_m)
+
+
+@triton.jit
 def _tile_rows(tile_start_ptr, offsets_ptr, pid_m, e, BLOCK_M: tl.constexpr):
     row0 = tl.load(tile_start_ptr + pid_m)
     row_end = tl.load(offsets_ptr + e + 1)
@@ -46,44 +54,84 @@ def _tile_rows(tile_start_ptr, offsets_ptr, pid_m, e, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _tile_operands(a_ptr, stride_a, w_ptr, stride_we, stride_wn, stride_wk, sorted_token_ptr,
+                   tile_start_ptr, offsets_ptr, pid_m, pid_n, e, N,
+                   GATHER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Row / column indices and masks of an (M-tile, N-block), with the first K step's pointers:
+    A rows are the rows' tokens when GATHER (x, dout), else the sorted rows themselves."""
+    rows, row_ok = _tile_rows(tile_start_ptr, offsets_ptr, pid_m, e, BLOCK_M)
+    if GATHER:
+        a_rows = tl.load(sorted_token_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    else:
+        a_rows = rows.to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + a_rows[:, None] * stride_a + ks[None, :]
+    w_ptrs = w_ptr + e.to(tl.int64) * stride_we + cols[None, :] * stride_wn + ks[:, None] * stride_wk
+    return rows, row_ok, cols, cols < N, a_ptrs, w_ptrs
+
+
+@triton.jit
+def _tile_dot(a_ptrs, a_desc, a_row, row_ok, w_ptrs, w_desc, w_row, w2_rows, col_ok, KD, stride_wn,
+              stride_wk, acc, acc2, TWO: tl.constexpr, A_TMA: tl.constexpr, W_TMA: tl.constexpr,
+              EVEN_K: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The K loop all three row GEMMs share: acc += A W over KD, and with TWO also acc2 += A W2,
+    W2 being W shifted by w2_rows weight rows (the up half of gate_up_proj).
+
+    A [BM, BK]: pointers a_ptrs (step 1 along K, rows masked by row_ok), or with A_TMA the box of
+    a_desc at (a_row, k). W [BK, BN]: pointers w_ptrs (step stride_wk, columns masked by col_ok), or
+    with W_TMA the transposed [BN, BK] box of w_desc at (w_row, k); w_desc views W as [E*N, KD], K
+    contiguous. Boxes read past an expert's rows only into rows/columns the caller never stores."""
+    ks = tl.arange(0, BLOCK_K)
+    for k0 in range(0, KD, BLOCK_K):
+        k_ok = (k0 + ks) < KD
+        if A_TMA:
+            a = a_desc.load([a_row, k0])
+        elif EVEN_K:
+            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+        else:
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        if W_TMA:
+            b = tl.trans(w_desc.load([w_row, k0]))
+        elif EVEN_K:
+            b = tl.load(w_ptrs, mask=col_ok[None, :], other=0.0)
+        else:
+            b = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = _mma(a, b, acc, UPCAST, IEEE)
+        if TWO:
+            if W_TMA:
+                b2 = tl.trans(w_desc.load([w_row + w2_rows, k0]))
+            elif EVEN_K:
+                b2 = tl.load(w_ptrs + w2_rows * stride_wn, mask=col_ok[None, :], other=0.0)
+            else:
+                b2 = tl.load(w_ptrs + w2_rows * stride_wn, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc2 = _mma(a, b2, acc2, UPCAST, IEEE)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K * stride_wk
+    return acc, acc2
+
+
+@triton.jit
 def gate_up_swiglu_kernel(
-    x_ptr, w_ptr, h_ptr, gu_ptr,
+    x_ptr, w_ptr, w_desc, h_ptr, gu_ptr,
     sorted_token_ptr, tile_expert_ptr, tile_start_ptr, offsets_ptr,
     num_tiles, E, H, I,
     stride_x, stride_we, stride_wn, stride_wk,
-    SAVE_GU: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    SAVE_GU: tl.constexpr, W_TMA: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """h[r, n] = silu(g) * u with g = x[tok[r]] . W[e, n], u = x[tok[r]] . W[e, I + n]."""
-    pid_m, pid_n = _grouped_tile(tl.program_id(0), num_tiles, tl.cdiv(I, BLOCK_N), GROUP_M)
-    e = tl.load(tile_expert_ptr + pid_m)
+    pid_m, pid_n, e = _tile_of(tile_expert_ptr, num_tiles, I, BLOCK_N, GROUP_M)
     if e >= E:  # a spare tile past the data-dependent tile count
         return
-    rows, row_ok = _tile_rows(tile_start_ptr, offsets_ptr, pid_m, e, BLOCK_M)
-    tok = tl.load(sorted_token_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < I
-    ks = tl.arange(0, BLOCK_K)
-    a_ptrs = x_ptr + tok[:, None] * stride_x + ks[None, :]
-    g_ptrs = w_ptr + e.to(tl.int64) * stride_we + cols[None, :] * stride_wn + ks[:, None] * stride_wk
-    u_ptrs = g_ptrs + I * stride_wn
+    rows, row_ok, cols, col_ok, a_ptrs, w_ptrs = _tile_operands(
+        x_ptr, stride_x, w_ptr, stride_we, stride_wn, stride_wk, sorted_token_ptr, tile_start_ptr,
+        offsets_ptr, pid_m, pid_n, e, I, True, BLOCK_M, BLOCK_N, BLOCK_K)
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
-            bg = tl.load(g_ptrs, mask=col_ok[None, :], other=0.0)
-            bu = tl.load(u_ptrs, mask=col_ok[None, :], other=0.0)
-        else:
-            k_ok = (k0 + ks) < H
-            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            bg = tl.load(g_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            bu = tl.load(u_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc_g = _mma(a, bg, acc_g, UPCAST, IEEE)
-        acc_u = _mma(a, bu, acc_u, UPCAST, IEEE)
-        a_ptrs += BLOCK_K
-        g_ptrs += BLOCK_K * stride_wk
-        u_ptrs += BLOCK_K * stride_wk
+    acc_g, acc_u = _tile_dot(a_ptrs, x_ptr, 0, row_ok, w_ptrs, w_desc, e * 2 * I + pid_n * BLOCK_N, I,
+                             col_ok, H, stride_wn, stride_wk, acc_g, tl.zeros_like(acc_g), True, False,
+                             W_TMA, EVEN_K, UPCAST, IEEE, BLOCK_K)
     out_ok = row_ok[:, None] & col_ok[None, :]
     rows64 = rows.to(tl.int64)
     h = acc_g * tl.sigmoid(acc_g) * acc_u
@@ -96,36 +144,25 @@ def gate_up_swiglu_kernel(
 
 @triton.jit
 def rows_matmul_kernel(
-    a_ptr, w_ptr, out_ptr, scale_ptr,
+    a_ptr, a_desc, w_ptr, w_desc, out_ptr, scale_ptr,
     sorted_pair_ptr, tile_expert_ptr, tile_start_ptr, offsets_ptr,
     num_tiles, E, N, KD,
     stride_we, stride_wn, stride_wk,
-    HAS_SCALE: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    HAS_SCALE: tl.constexpr, A_TMA: tl.constexpr, W_TMA: tl.constexpr, EVEN_K: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """out[pair[r], n] = scale[pair[r]] * sum_k a[r, k] W[e, k, n]; a [TK, KD] in sorted-row order."""
-    pid_m, pid_n = _grouped_tile(tl.program_id(0), num_tiles, tl.cdiv(N, BLOCK_N), GROUP_M)
-    e = tl.load(tile_expert_ptr + pid_m)
+    pid_m, pid_n, e = _tile_of(tile_expert_ptr, num_tiles, N, BLOCK_N, GROUP_M)
     if e >= E:  # a spare tile past the data-dependent tile count
         return
-    rows, row_ok = _tile_rows(tile_start_ptr, offsets_ptr, pid_m, e, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
-    ks = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * KD + ks[None, :]
-    b_ptrs = w_ptr + e.to(tl.int64) * stride_we + cols[None, :] * stride_wn + ks[:, None] * stride_wk
+    rows, row_ok, cols, col_ok, a_ptrs, w_ptrs = _tile_operands(
+        a_ptr, KD, w_ptr, stride_we, stride_wn, stride_wk, sorted_pair_ptr, tile_start_ptr, offsets_ptr,
+        pid_m, pid_n, e, N, False, BLOCK_M, BLOCK_N, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, KD, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
-            b = tl.load(b_ptrs, mask=col_ok[None, :], other=0.0)
-        else:
-            k_ok = (k0 + ks) < KD
-            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = _mma(a, b, acc, UPCAST, IEEE)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K * stride_wk
+    acc, _ = _tile_dot(a_ptrs, a_desc, tl.load(tile_start_ptr + pid_m), row_ok, w_ptrs, w_desc,
+                       e * N + pid_n * BLOCK_N, 0, col_ok, KD, stride_wn, stride_wk, acc, acc, False,
+                       A_TMA, W_TMA, EVEN_K, UPCAST, IEEE, BLOCK_K)
     pair = tl.load(sorted_pair_ptr + rows, mask=row_ok, other=0).to(tl.int64)
     if HAS_SCALE:
         acc = acc * tl.load(scale_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)[:, None]
@@ -146,29 +183,15 @@ def down_backward_kernel(
     dw partial = sum_n dA h,  dg = w dA u silu'(g),  du = w dA silu(g),  hw = w h.
     Not FUSED: only dA is stored, into hw; swiglu_backward_kernel does the rest (fewer live
     registers in this epilogue, one more pass over [TK, I])."""
-    pid_m, pid_n = _grouped_tile(tl.program_id(0), num_tiles, tl.cdiv(I, BLOCK_N), GROUP_M)
-    e = tl.load(tile_expert_ptr + pid_m)
+    pid_m, pid_n, e = _tile_of(tile_expert_ptr, num_tiles, I, BLOCK_N, GROUP_M)
     if e >= E:  # a spare tile past the data-dependent tile count
         return
-    rows, row_ok = _tile_rows(tile_start_ptr, offsets_ptr, pid_m, e, BLOCK_M)
-    tok = tl.load(sorted_token_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < I
-    ks = tl.arange(0, BLOCK_K)
-    a_ptrs = dout_ptr + tok[:, None] * stride_do + ks[None, :]
-    b_ptrs = w_ptr + e.to(tl.int64) * stride_we + cols[None, :] * stride_wn + ks[:, None] * stride_wk
+    rows, row_ok, cols, col_ok, a_ptrs, w_ptrs = _tile_operands(
+        dout_ptr, stride_do, w_ptr, stride_we, stride_wn, stride_wk, sorted_token_ptr, tile_start_ptr,
+        offsets_ptr, pid_m, pid_n, e, I, True, BLOCK_M, BLOCK_N, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
-            b = tl.load(b_ptrs, mask=col_ok[None, :], other=0.0)
-        else:
-            k_ok = (k0 + ks) < H
-            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = _mma(a, b, acc, UPCAST, IEEE)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K * stride_wk
+    acc, _ = _tile_dot(a_ptrs, dout_ptr, 0, row_ok, w_ptrs, w_ptr, 0, 0, col_ok, H, stride_wn, stride_wk,
+                       acc, acc, False, False, False, EVEN_K, UPCAST, IEEE, BLOCK_K)
     ok = row_ok[:, None] & col_ok[None, :]
     rows64 = rows.to(tl.int64)
     if FUSED:  # (a static branch: no `return` here, the compiler would keep what follows it)
@@ -270,38 +293,90 @@ def expert_weight_grad_kernel(
 
 
 @triton.jit
-def routing_tiles_kernel(
-    sorted_expert_ptr, offsets_ptr, tile_expert_ptr, tile_start_ptr, valid_ptr,
-    TK, E, max_tiles, search_steps,
-    BLOCK_M: tl.constexpr, E_POW2: tl.constexpr, BLOCK_T: tl.constexpr,
-):
-    """One program: expert_offsets by binary search in the sorted expert ids, then the M-tile map
-    (tile_expert, tile_start; spare tiles get expert E). valid = ids lay in [0, E). Replaces a dozen
-    small torch launches, which dominate at small batch."""
+def routing_count_kernel(ids_ptr, counts_ptr, TK, E, SUB,
+                         BLOCK: tl.constexpr, E_POW2: tl.constexpr):
+    """counts[c, e] = how many of chunk c's SUB*BLOCK pairs chose expert e (ids outside [0, E) none)."""
+    c = tl.program_id(0)
     es = tl.arange(0, E_POW2)
-    lo = tl.zeros((E_POW2,), dtype=tl.int32)  # lower bound of e: first i with sorted[i] >= e
-    hi = tl.zeros((E_POW2,), dtype=tl.int32) + TK
-    lo1 = tl.zeros((E_POW2,), dtype=tl.int32)  # lower bound of e + 1
-    hi1 = tl.zeros((E_POW2,), dtype=tl.int32) + TK
-    for _ in range(search_steps):
-        mid = (lo + hi) // 2
-        below = tl.load(sorted_expert_ptr + mid, mask=mid < TK, other=0) < es
-        lo, hi = tl.where((lo < hi) & below, mid + 1, lo), tl.where((lo < hi) & ~below, mid, hi)
-        mid1 = (lo1 + hi1) // 2
-        below1 = tl.load(sorted_expert_ptr + mid1, mask=mid1 < TK, other=0) < es + 1
-        lo1, hi1 = tl.where((lo1 < hi1) & below1, mid1 + 1, lo1), tl.where((lo1 < hi1) & ~below1, mid1, hi1)
-    tl.store(offsets_ptr + es, lo, mask=es <= E)
-    first_below = tl.sum(tl.where(es == 0, lo, 0))  # ids < 0 sort before offsets[0]
-    last_end = tl.sum(tl.where(es == E - 1, lo1, 0))  # ids >= E sort after offsets[E]
-    tl.store(valid_ptr, ((first_below == 0) & (last_end == TK)).to(tl.int32))
-    tiles = tl.where(es < E, (lo1 - lo + BLOCK_M - 1) // BLOCK_M, 0)
+    counts = tl.zeros((E_POW2,), dtype=tl.int32)
+    for s in range(0, SUB):
+        p = (c * SUB + s) * BLOCK + tl.arange(0, BLOCK)
+        ids = tl.load(ids_ptr + p, mask=p < TK, other=-1)
+        hit = (ids[:, None] == es[None, :]) & (es < E)[None, :]
+        counts += tl.sum(hit.to(tl.int32), axis=0)
+    tl.store(counts_ptr + c * E_POW2 + es, counts)
+
+
+@triton.jit
+def _write_tiles(tile_expert_ptr, tile_start_ptr, t_begin, t_end, starts, counts, E,
+                 BLOCK_M: tl.constexpr, E_POW2: tl.constexpr, BLOCK_T: tl.constexpr):
+    # tiles t_begin:t_end of the M-tile map, expert e's rows starts[e]:starts[e]+counts[e];
+    # spare tiles past the data-dependent count get expert E
+    es = tl.arange(0, E_POW2)
+    tiles = tl.where(es < E, (counts + BLOCK_M - 1) // BLOCK_M, 0)
     tiles_end = tl.cumsum(tiles, 0)
     tiles_begin = tiles_end - tiles
-    for t0 in range(0, max_tiles, BLOCK_T):
+    for t0 in range(t_begin, t_end, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
         past = (tiles_end[None, :] <= t[:, None]) & (es[None, :] < E)
         expert = tl.sum(past.to(tl.int32), axis=1)
         mine = es[None, :] == expert[:, None]
-        start = tl.sum(tl.where(mine, lo[None, :] - tiles_begin[None, :] * BLOCK_M, 0), axis=1)
-        tl.store(tile_expert_ptr + t, expert, mask=t < max_tiles)
-        tl.store(tile_start_ptr + t, start + t * BLOCK_M, mask=t < max_tiles)
+        first_row = starts[None, :] + (t[:, None] - tiles_begin[None, :]) * BLOCK_M
+        start = tl.sum(tl.where(mine, first_row, 0), axis=1)
+        tl.store(tile_expert_ptr + t, expert, mask=t < t_end)
+        tl.store(tile_start_ptr + t, start, mask=t < t_end)
+
+
+@triton.jit
+def routing_scatter_kernel(
+    ids_ptr, counts_ptr, sorted_pair_ptr, sorted_token_ptr, offsets_ptr, valid_ptr,
+    tile_expert_ptr, tile_start_ptr,
+    TK, E, TOP_K, SUB, num_chunks, max_tiles, tiles_per_prog,
+    BLOCK: tl.constexpr, E_POW2: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    """A stable counting sort of the pairs by expert, after routing_count_kernel: chunk c's pairs
+    of expert e go to offsets[e] + (expert e's pairs in chunks before c) + their rank in chunk c.
+    Every program also writes its share of the M-tile map for BLOCK_M; program 0 writes
+    expert_offsets [E+1] and valid (all ids lay in [0, E)). Two launches replace the sort, the
+    casts and the offsets search."""
+    c = tl.program_id(0)
+    es = tl.arange(0, E_POW2)
+    total = tl.zeros((E_POW2,), dtype=tl.int32)
+    before = tl.zeros((E_POW2,), dtype=tl.int32)
+    for c0 in range(0, num_chunks, BLOCK_C):
+        cs = c0 + tl.arange(0, BLOCK_C)
+        cnt = tl.load(counts_ptr + cs[:, None] * E_POW2 + es[None, :], mask=(cs < num_chunks)[:, None],
+                      other=0)
+        total += tl.sum(cnt, axis=0)
+        before += tl.sum(tl.where((cs < c)[:, None], cnt, 0), axis=0)
+    starts = tl.cumsum(total, 0) - total
+    base = starts + before
+    for s in range(0, SUB):
+        p = (c * SUB + s) * BLOCK + tl.arange(0, BLOCK)
+        ids = tl.load(ids_ptr + p, mask=p < TK, other=-1)
+        hit = ((ids[:, None] == es[None, :]) & (es < E)[None, :]).to(tl.int32)
+        rank = tl.cumsum(hit, 0) - hit  # earlier pairs of the same expert in this block
+        dest = tl.sum(hit * (base[None, :] + rank), axis=1)
+        ok = tl.sum(hit, axis=1) > 0
+        tl.store(sorted_pair_ptr + dest, p, mask=ok)
+        tl.store(sorted_token_ptr + dest, p // TOP_K, mask=ok)
+        base += tl.sum(hit, axis=0)
+    n_valid = tl.sum(total)
+    if c == 0:
+        tl.store(offsets_ptr + es, starts, mask=es < E)
+        tl.store(offsets_ptr + E, n_valid)
+        tl.store(valid_ptr, (n_valid == TK).to(tl.int32))
+    t_begin = c * tiles_per_prog
+    _write_tiles(tile_expert_ptr, tile_start_ptr, t_begin, tl.minimum(t_begin + tiles_per_prog, max_tiles),
+                 starts, total, E, BLOCK_M, E_POW2, BLOCK_T)
+
+
+@triton.jit
+def routing_tiles_kernel(offsets_ptr, tile_expert_ptr, tile_start_ptr, E, max_tiles,
+                         BLOCK_M: tl.constexpr, E_POW2: tl.constexpr, BLOCK_T: tl.constexpr):
+    """One program: the M-tile map for another BLOCK_M from expert_offsets."""
+    es = tl.arange(0, E_POW2)
+    starts = tl.load(offsets_ptr + es, mask=es < E, other=0)
+    counts = tl.load(offsets_ptr + es + 1, mask=es < E, other=0) - starts
+    _write_tiles(tile_expert_ptr, tile_start_ptr, 0, max_tiles, starts, counts, E, BLOCK_M, E_POW2, BLOCK_T)

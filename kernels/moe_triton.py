@@ -34,6 +34,7 @@ class TileConfig:
     num_warps: int = 4
     num_stages: int = 3
     fused_epilogue: bool = True  # down_bwd only: SwiGLU backward in the GEMM epilogue or its own pass
+    tma: bool = False  # gate_up, down, dx: TMA descriptor loads of the weight / sorted-row operand tiles
 
     def launch(self) -> dict:
         return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k,
@@ -43,23 +44,28 @@ class TileConfig:
 # Kernel names: gate_up (fwd 1), down (fwd 2), down_bwd, dx, dw (both weight gradients).
 KERNELS = ("gate_up", "down", "down_bwd", "dx", "dw")
 # Regimes by rows per expert (T*K/E): small batches are bound by reading the expert weights and want
-# short M-tiles; large ones are bound by the tensor cores and want big tiles.
-REGIMES = ((64, "small"), (224, "medium"), (1024, "large"), (float("inf"), "xlarge"))
+# M-tiles that hold one expert's rows; large ones are bound by the tensor cores and want big tiles.
+REGIMES = ((24, "tiny"), (64, "small"), (224, "medium"), (1024, "large"), (float("inf"), "xlarge"))
 
 _T = TileConfig
-# bf16/fp16 on an H100: the fastest of scripts/bench_moe.py --sweep (benchmarks/moe_h100.md); the
+# bf16/fp16 on an H100: the fastest of scripts/bench_moe.py --sweep/--explore (benchmarks/moe_h100.md;
+# tma=True: weight tiles, and the sorted rows of down/dx, load through TMA descriptors); the
 # SwiGLU backward fused into the down-backward epilogue spills registers there, hence its own pass.
 _TUNED = {
-    ("gate_up", "xlarge"): _T(128, 128, 32, 8, 8, 5), ("gate_up", "large"): _T(128, 128, 64, 8, 8, 3),
-    ("gate_up", "medium"): _T(128, 128, 64, 8, 8, 4), ("gate_up", "small"): _T(32, 128, 64, 8, 4, 5),
-    ("down", "xlarge"): _T(128, 256, 64, 8, 8, 4), ("down", "large"): _T(128, 256, 64, 8, 8, 4),
-    ("down", "medium"): _T(128, 256, 64, 8, 8, 3), ("down", "small"): _T(32, 128, 64, 8, 4, 4),
-    ("dx", "xlarge"): _T(128, 256, 64, 8, 8, 4), ("dx", "large"): _T(128, 256, 64, 8, 8, 4),
+    ("gate_up", "xlarge"): _T(128, 128, 64, 8, 8, 4, tma=True), ("gate_up", "large"): _T(128, 128, 64, 8, 8, 3, tma=True),
+    ("gate_up", "medium"): _T(128, 128, 64, 8, 8, 4, tma=True), ("gate_up", "small"): _T(64, 64, 128, 8, 4, 4, tma=True),
+    ("gate_up", "tiny"): _T(16, 64, 128, 8, 4, 4),
+    ("down", "xlarge"): _T(128, 256, 64, 8, 8, 3, tma=True), ("down", "large"): _T(128, 256, 64, 8, 8, 3, tma=True),
+    ("down", "medium"): _T(128, 256, 64, 8, 8, 4, tma=True), ("down", "small"): _T(64, 128, 64, 8, 4, 4, tma=True),
+    ("down", "tiny"): _T(16, 64, 128, 8, 4, 4),
+    ("dx", "xlarge"): _T(128, 256, 64, 8, 8, 4, tma=True), ("dx", "large"): _T(128, 256, 64, 8, 8, 4),
     ("dx", "medium"): _T(128, 256, 64, 8, 8, 3), ("dx", "small"): _T(32, 128, 64, 8, 4, 4),
+    ("dx", "tiny"): _T(32, 128, 64, 8, 4, 4),
     ("down_bwd", "xlarge"): _T(128, 256, 64, 8, 8, 3, fused_epilogue=False),
     ("down_bwd", "large"): _T(128, 256, 64, 8, 8, 3, fused_epilogue=False),
     ("down_bwd", "medium"): _T(128, 256, 64, 8, 8, 3, fused_epilogue=False),
     ("down_bwd", "small"): _T(32, 128, 64, 8, 4, 4, fused_epilogue=False),
+    ("down_bwd", "tiny"): _T(32, 128, 64, 8, 4, 4, fused_epilogue=False),
 }
 _DW = _T(128, 128, 32, 8, 4, 5)  # its M, N are weight dims whatever the batch
 _overrides: dict[tuple[str, str], TileConfig] = {}
@@ -96,6 +102,18 @@ def _common(x: torch.Tensor) -> dict:
     return dict(UPCAST=_INTERPRET and x.dtype != torch.float32, IEEE=x.dtype == torch.float32)
 
 
+def _descriptor(t: torch.Tensor, rows: int, block: list[int], cfg: TileConfig):
+    """A TMA descriptor over t viewed as [rows, t.numel() // rows] (row-major, contiguous), or None
+    where cfg does not ask for one or the layout does not allow it (16-byte aligned rows)."""
+    if not cfg.tma or not t.is_contiguous() or t.numel() == 0:
+        return None
+    cols = t.numel() // rows
+    if t.data_ptr() % 16 or (cols * t.element_size()) % 16:
+        return None
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    return TensorDescriptor.from_tensor(t.view(rows, cols), block)
+
+
 def gate_up_swiglu(x, gate_up_proj, r: Routing, save_gu: bool):
     """h [TK, I] = silu(gate) * up per sorted row; gu [TK, 2I] = (gate, up) pre-activations if save_gu."""
     E, two_i, H = gate_up_proj.shape
@@ -106,10 +124,12 @@ def gate_up_swiglu(x, gate_up_proj, r: Routing, save_gu: bool):
     tile_expert, tile_start = r.tiles(cfg.block_m)
     num_tiles = tile_expert.numel()
     grid = (num_tiles * triton.cdiv(I, cfg.block_n),)
+    w_desc = _descriptor(gate_up_proj, E * two_i, [cfg.block_n, cfg.block_k], cfg)
     K.gate_up_swiglu_kernel[grid](
-        x, gate_up_proj, h, gu, r.sorted_token, tile_expert, tile_start, r.expert_offsets,
-        num_tiles, E, H, I, x.stride(0), *gate_up_proj.stride(),
-        SAVE_GU=save_gu, EVEN_K=H % cfg.block_k == 0, **_common(x), **cfg.launch())
+        x, gate_up_proj, gate_up_proj if w_desc is None else w_desc, h, gu, r.sorted_token, tile_expert,
+        tile_start, r.expert_offsets, num_tiles, E, H, I, x.stride(0), *gate_up_proj.stride(),
+        SAVE_GU=save_gu, W_TMA=w_desc is not None, EVEN_K=H % cfg.block_k == 0, **_common(x),
+        **cfg.launch())
     return h, (gu if save_gu else None)
 
 
@@ -122,10 +142,16 @@ def rows_matmul(a, w, w_strides_enk, n: int, r: Routing, scale, kernel: str):
     tile_expert, tile_start = r.tiles(cfg.block_m)
     num_tiles = tile_expert.numel()
     grid = (num_tiles * triton.cdiv(n, cfg.block_n),)
+    a_desc = _descriptor(a, a.shape[0], [cfg.block_m, cfg.block_k], cfg)
+    # W_e[k, j] as a [E*n, kd] matrix (k contiguous): the down projection's own layout
+    w_desc = _descriptor(w, E * n, [cfg.block_n, cfg.block_k], cfg) \
+        if tuple(w_strides_enk) == (n * kd, kd, 1) else None
     K.rows_matmul_kernel[grid](
-        a, w, out, scale if scale is not None else a, r.sorted_pair, tile_expert, tile_start,
+        a, a if a_desc is None else a_desc, w, w if w_desc is None else w_desc, out,
+        scale if scale is not None else a, r.sorted_pair, tile_expert, tile_start,
         r.expert_offsets, num_tiles, E, n, kd, *w_strides_enk,
-        HAS_SCALE=scale is not None, EVEN_K=kd % cfg.block_k == 0, **_common(a), **cfg.launch())
+        HAS_SCALE=scale is not None, A_TMA=a_desc is not None, W_TMA=w_desc is not None,
+        EVEN_K=kd % cfg.block_k == 0, **_common(a), **cfg.launch())
     return out
 
 

@@ -186,29 +186,58 @@ def sweep_plan() -> dict:
             "down": [_T(64, 128, 64, 8, 4, 4), _T(64, 256, 64, 8, 8, 3), _T(128, 256, 64, 8, 8, 3),
                      _T(32, 128, 128, 8, 4, 4), _T(64, 128, 128, 8, 4, 3)]}),
         "small": (dict(v2, T=512), {
-            "gate_up": [_T(16, 64, 128, 8, 4, 4), _T(16, 128, 64, 8, 4, 4), _T(32, 64, 128, 8, 4, 4),
-                        _T(16, 64, 256, 8, 4, 3), _T(32, 128, 64, 8, 4, 5), _T(16, 32, 256, 8, 4, 4)],
-            "down": [_T(16, 128, 128, 8, 4, 4), _T(16, 64, 128, 8, 4, 4), _T(32, 128, 64, 8, 4, 4),
-                     _T(16, 256, 64, 8, 4, 4), _T(16, 64, 256, 8, 4, 3)]}),
+            "gate_up": [_T(64, 64, 128, 8, 4, 4), _T(64, 128, 64, 8, 4, 4), _T(32, 128, 64, 8, 4, 5),
+                        _T(32, 64, 128, 8, 4, 4), _T(64, 64, 128, 8, 4, 4, tma=True)],
+            "down": [_T(64, 128, 64, 8, 4, 4), _T(64, 256, 64, 8, 8, 3), _T(32, 128, 64, 8, 4, 4),
+                     _T(64, 128, 64, 8, 4, 4, tma=True)]}),
+        "tiny": (dict(v2, T=128), {
+            "gate_up": [_T(16, 128, 64, 8, 4, 5), _T(32, 128, 64, 8, 4, 5), _T(16, 64, 128, 8, 4, 4),
+                        _T(16, 128, 64, 8, 4, 5, tma=True)],
+            "down": [_T(16, 128, 64, 8, 4, 4), _T(32, 128, 64, 8, 4, 4), _T(16, 64, 128, 8, 4, 4),
+                     _T(16, 128, 64, 8, 4, 4, tma=True)]}),
     }
 
 
 def explore_plan() -> dict:
-    """Candidates beyond the tuned table, timed and logged only (not applied)."""
+    """Candidates beyond the tuned table, timed and logged only (not applied): tile shapes by batch
+    size, and TMA descriptor loads (tma=True) against plain loads."""
     v2, v3 = SHAPES["v2"], SHAPES["v3"]
     return {
+        "tiny T=128": (dict(v2, T=128), {
+            "gate_up": [_T(16, 128, 64, 8, 4, 5), _T(16, 128, 64, 8, 4, 5, tma=True),
+                        _T(16, 64, 128, 8, 4, 4), _T(16, 64, 128, 8, 4, 4, tma=True),
+                        _T(32, 128, 64, 8, 4, 5), _T(64, 64, 128, 8, 4, 4)],
+            "down": [_T(16, 128, 64, 8, 4, 4), _T(16, 128, 64, 8, 4, 4, tma=True),
+                     _T(16, 64, 128, 8, 4, 4), _T(16, 64, 128, 8, 4, 4, tma=True),
+                     _T(16, 256, 64, 8, 4, 4, tma=True), _T(64, 128, 64, 8, 4, 4)]}),
         "small T=512": (dict(v2, T=512), {
-            "gate_up": [_T(32, 128, 64, 8, 4, 5), _T(64, 128, 64, 8, 4, 4), _T(64, 128, 64, 8, 8, 4),
-                        _T(64, 64, 128, 8, 4, 4), _T(32, 128, 64, 8, 4, 6)],
-            "down": [_T(32, 128, 64, 8, 4, 4), _T(64, 128, 64, 8, 4, 4), _T(64, 256, 64, 8, 8, 3),
-                     _T(32, 256, 64, 8, 4, 4), _T(32, 128, 64, 8, 4, 5)]}),
-        "small T=128": (dict(v2, T=128), {
-            "gate_up": [_T(32, 128, 64, 8, 4, 5), _T(16, 128, 64, 8, 4, 5), _T(16, 128, 64, 8, 4, 6)],
-            "down": [_T(32, 128, 64, 8, 4, 4), _T(16, 128, 64, 8, 4, 4), _T(16, 128, 64, 8, 4, 5)]}),
+            "gate_up": [_T(64, 64, 128, 8, 4, 4), _T(64, 64, 128, 8, 4, 4, tma=True),
+                        _T(64, 128, 64, 8, 4, 4), _T(64, 128, 64, 8, 4, 4, tma=True),
+                        _T(64, 64, 64, 8, 4, 6, tma=True), _T(64, 64, 128, 8, 4, 3, tma=True)],
+            "down": [_T(64, 128, 64, 8, 4, 4), _T(64, 128, 64, 8, 4, 4, tma=True), _T(64, 64, 128, 8, 4, 4),
+                     _T(64, 64, 128, 8, 4, 4, tma=True), _T(64, 256, 64, 8, 8, 3, tma=True),
+                     _T(64, 128, 128, 8, 4, 3, tma=True)]}),
+        "medium T=2048": (dict(v2, T=2048), {
+            "gate_up": [_T(128, 128, 64, 8, 8, 4), _T(128, 128, 64, 8, 8, 4, tma=True),
+                        _T(64, 128, 64, 8, 4, 4, tma=True), _T(64, 64, 128, 8, 4, 4, tma=True),
+                        _T(128, 64, 128, 8, 8, 3, tma=True), _T(128, 128, 64, 8, 8, 3, tma=True)],
+            "down": [_T(128, 256, 64, 8, 8, 3), _T(128, 256, 64, 8, 8, 3, tma=True),
+                     _T(128, 256, 64, 8, 8, 4, tma=True), _T(64, 256, 64, 8, 8, 3, tma=True),
+                     _T(128, 128, 64, 8, 8, 4, tma=True), _T(64, 128, 64, 8, 4, 4, tma=True)]}),
         "large V3": (v3, {
-            "gate_up": [_T(128, 128, 64, 8, 8, 3), _T(128, 128, 64, 4, 8, 3), _T(128, 128, 64, 16, 8, 3),
-                        _T(128, 128, 32, 8, 8, 5)],
-            "down": [_T(128, 256, 64, 8, 8, 4), _T(128, 256, 64, 16, 8, 4), _T(128, 256, 64, 4, 8, 4)]}),
+            "gate_up": [_T(128, 128, 64, 8, 8, 3), _T(128, 128, 64, 8, 8, 3, tma=True),
+                        _T(128, 128, 64, 8, 8, 4, tma=True), _T(128, 128, 64, 16, 8, 4, tma=True),
+                        _T(128, 128, 128, 8, 8, 2, tma=True)],
+            "down": [_T(128, 256, 64, 8, 8, 4), _T(128, 256, 64, 8, 8, 3, tma=True),
+                     _T(128, 256, 64, 8, 8, 4, tma=True), _T(128, 256, 128, 8, 8, 2, tma=True),
+                     _T(128, 128, 64, 8, 8, 4, tma=True)]}),
+        "xlarge V2-Lite": (v2, {
+            "gate_up": [_T(128, 128, 32, 8, 8, 5), _T(128, 128, 32, 8, 8, 5, tma=True),
+                        _T(128, 128, 64, 8, 8, 3, tma=True), _T(128, 128, 64, 8, 8, 4, tma=True)],
+            "down": [_T(128, 256, 64, 8, 8, 4), _T(128, 256, 64, 8, 8, 4, tma=True),
+                     _T(128, 256, 64, 8, 8, 3, tma=True)],
+            "dx": [_T(128, 256, 64, 8, 8, 4), _T(128, 256, 64, 8, 8, 4, tma=True),
+                   _T(128, 256, 64, 8, 8, 3, tma=True)]}),
     }
 
 
@@ -238,22 +267,30 @@ def sweep(plan: dict, log) -> dict:
             "dw": lambda: (moe_triton.expert_weight_grad(dgu, False, x, True, r, E),
                            moe_triton.expert_weight_grad(dout, True, hw, False, r, E)),
         }
+        # each candidate's output against the table config's (down_bwd writes into dgu: not compared)
+        moe_triton.set_tile_configs(None)
+        first = lambda out: out[0] if isinstance(out, tuple) else out  # noqa: E731
+        expect = {k: first(calls[k]()).float() for k in ("gate_up", "down", "dx") if k in per_kernel}
         flops = {"gate_up": 4, "down": 2, "dx": 4, "down_bwd": 2, "dw": 6}
         weight_share = {"gate_up": 2 / 3, "down": 1 / 3, "dx": 2 / 3, "down_bwd": 1 / 3, "dw": 1}
         for kernel, configs in per_kernel.items():
             for cfg in configs:
                 moe_triton.set_tile_configs({(kernel, reg): cfg})
                 try:
+                    err = rel(first(calls[kernel]()), expect[kernel]) if kernel in expect else 0.0
                     ms = do_bench(calls[kernel], warmup=25, rep=150, return_mode="median")
-                except Exception as err:  # e.g. out of shared memory: skip the config
-                    log(f"sweep {reg} {kernel:8s} {cfg} failed: {type(err).__name__}: {str(err)[:120]}")
+                except Exception as exc:  # e.g. out of shared memory: skip the config
+                    log(f"sweep {reg} {kernel:8s} {cfg} failed: {type(exc).__name__}: {str(exc)[:120]}")
+                    continue
+                if not err <= 1e-2:
+                    log(f"sweep {reg} {kernel:8s} {cfg} WRONG: rel err {err:.2e} against the table's config")
                     continue
                 tflops = flops[kernel] * T * K * H * I / ms / 1e9
                 tbs = weight_share[kernel] * 3 * E * H * I * 2 / ms / 1e9
                 log(f"sweep {reg:6s} {kernel:8s} {ms:7.3f} ms {tflops:6.0f} TFLOP/s {tbs:5.2f} TB/s  {cfg}")
                 if (kernel, reg) not in best or ms < best[kernel, reg][0]:
                     best[kernel, reg] = (ms, cfg)
-        del x, gu, d, h, gu_act, dgu, hw, dout, calls
+        del x, gu, d, h, gu_act, dgu, hw, dout, calls, expect
         if DEV == "cuda":
             torch.cuda.empty_cache()
     moe_triton.set_tile_configs(None)
@@ -268,6 +305,8 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="CPU + TRITON_INTERPRET=1, tiny shapes")
+    ap.add_argument("--methods", default="all",
+                    help="comma-separated subset of ours,grouped_mm,liger,loop for the table (default all)")
     args = ap.parse_args()
     if args.smoke:
         DEV = "cpu"
@@ -296,6 +335,11 @@ def main():
                "Liger fused MoE": liger(), "expert loop": expert_loop}
     if DEV == "cpu":  # neither grouped_mm nor Liger's kernels run there
         methods = {k: v for k, v in methods.items() if k in ("ours (Triton)", "expert loop")}
+    if args.methods != "all":
+        short = dict(ours="ours (Triton)", grouped_mm="torch._grouped_mm", liger="Liger fused MoE",
+                     loop="expert loop")
+        keep = {short[m.strip()] for m in args.methods.split(",")}
+        methods = {k: v for k, v in methods.items() if k in keep}
     rows = []
 
     def bench(label, shape, kind="balanced", backward=True, peers=tuple(methods), memory=False):
@@ -333,7 +377,8 @@ def main():
     bench(f"V3 T={v3['T']} balanced", v3, peers=())
 
     if args.explore:
-        sweep(explore_plan(), log)
+        best = sweep(explore_plan(), log)
+        log("explore best: {" + ", ".join(f"{k!r}: {v!r}" for k, v in best.items()) + "}")
 
     table = ["| case | method | fwd ms | fwd TFLOP/s | weight TB/s | fwd+bwd ms | fwd+bwd TFLOP/s | extra GiB |",
              "|---|---|---|---|---|---|---|---|"]

@@ -136,7 +136,7 @@ def test_routing_tiles_cover_every_row_once():
 
 # each fp32/bf16 difference in the kernels shows in one run; seconds per run in the interpreter
 INTERPRET_RUNS = [("balanced", "bf16"), ("skewed", "fp32"), ("empty_experts", "bf16"),
-                  ("no_tokens", "fp32"), ("no_tokens", "bf16"), ("fused_epilogue", "bf16")]
+                  ("no_tokens", "fp32"), ("no_tokens", "bf16"), ("fused_epilogue", "bf16"), ("tma", "bf16")]
 
 
 @pytest.fixture(scope="module")
@@ -181,11 +181,18 @@ def _interpreter_main():
     results = {}
     cases = {c[0]: c for c in CASES}
     cases["fused_epilogue"] = ("fused_epilogue", "skewed", 19, 40, 24, 5, 2)
+    # TMA boxes of the weights and sorted rows; I < BLOCK_N and H % BLOCK_K != 0, so boxes run past
+    # an expert's rows, into the next expert and past the tensor's end
+    cases["tma"] = ("tma", "skewed", 23, 40, 24, 5, 3)
     for name, dname in INTERPRET_RUNS:
         dtype = torch.float32 if dname == "fp32" else torch.bfloat16
         if name == "fused_epilogue":  # the SwiGLU backward inside the down-backward GEMM epilogue
             cfg = moe_triton.TileConfig(16, 32, 32, group_m=2, num_warps=1, num_stages=1)
             moe_triton.set_tile_configs({("down_bwd", reg): cfg for _, reg in moe_triton.REGIMES})
+        if name == "tma":
+            cfg = moe_triton.TileConfig(16, 32, 32, group_m=2, num_warps=1, num_stages=1, tma=True)
+            moe_triton.set_tile_configs({(k, reg): cfg for k in ("gate_up", "down", "dx")
+                                         for _, reg in moe_triton.REGIMES})
         results[f"{name}-{dname}"] = relative_errors(triton_path, cases[name], dtype, seed=11)
         moe_triton.set_tile_configs(None)
     x, gate_up, down, ids, w = make_case("balanced", 6, 32, 32, 3, 2, seed=2)
@@ -219,11 +226,16 @@ def _compare_routing_kernel() -> str:
     from r1pipe.kernels.moe_routing import route
 
     for routing, T, E, K, block_m in (("skewed", 50, 7, 3, 4), ("empty", 33, 9, 2, 16),
-                                      ("balanced", 5, 64, 6, 8), ("balanced", 1, 3, 1, 2)):
+                                      ("balanced", 5, 64, 6, 8), ("balanced", 1, 3, 1, 2),
+                                      ("skewed", 97, 5, 4, 16)):
         ids = make_case(routing, T, 4, 4, E, K, seed=T)[3]
         by_kernel, by_torch = route(ids, E, block_m, use_kernel=True), route(ids, E, block_m, use_kernel=False)
         if not torch.equal(by_kernel.expert_offsets, by_torch.expert_offsets):
             return f"offsets differ for {routing} T={T} E={E}"
+        # both sorts are stable: the same row order, so results do not depend on the path
+        if not (torch.equal(by_kernel.sorted_pair, by_torch.sorted_pair)
+                and torch.equal(by_kernel.sorted_token, by_torch.sorted_token)):
+            return f"sorted pairs differ for {routing} T={T} E={E}"
         for bm in (block_m, 32):
             (ek, sk), (et, st) = by_kernel.tiles(bm), by_torch.tiles(bm)
             used = et < E
