@@ -63,11 +63,18 @@ class GRPOSection:
     scale_rewards: Literal["group", "batch", "none"] = "group"
     num_iterations: int = 1  # mu: policy updates per rollout batch
     dynamic_sampling: bool = False  # drop groups whose rewards are all equal
+    # with dynamic_sampling: rounds of the next prompts that replace dropped groups, until a step has
+    # train.prompts_per_step groups with signal (DAPO); 0: train on the groups left
+    max_refill_rounds: int = 3
     mask_truncated: bool = False
     ref_reset_every: int = 0  # copy the policy into the reference every N steps (0: never)
     tis_cap: float | None = None  # truncated importance sampling for the vLLM/trainer mismatch
     failed_reward: Literal["zero", "drop_group"] = "zero"
     reward_timeout_s: float = 30.0
+
+    def __post_init__(self):
+        if self.max_refill_rounds < 0:
+            raise RecipeError(f"max_refill_rounds={self.max_refill_rounds}: expected 0 (no refill) or more")
 
 
 @dataclass
@@ -92,6 +99,9 @@ class TrainSection:
     bias_update_speed: float = 0.001  # gamma of aux-loss-free balancing (V3)
     epochs: float = 1.0  # SFT: passes over the data (max_steps caps it)
     batch_size: int = 32  # SFT: sequences per optimizer step
+    # FSDP2: shard policy, reference and optimizer state over the processes (r1pipe.training.fsdp); also on
+    # when the accelerate launcher asks for FSDP (recipes/accelerate/fsdp2.yaml)
+    fsdp: bool = False
 
 
 @dataclass
@@ -160,7 +170,10 @@ def build(cls, data: Any, where: str):
             suggestion = f"; did you mean {hint[0]!r}?" if hint else f"; known keys: {', '.join(fields)}"
             raise RecipeError(f"{where}: unknown key {key!r}{suggestion}")
         kwargs[key] = _convert(typing.get_type_hints(cls)[key], value, f"{where}: {key}")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except RecipeError as e:  # a section's own check (__post_init__): name the file and section
+        raise RecipeError(f"{where}: {e}") from e
 
 
 def _convert(hint, value, where):

@@ -1,11 +1,14 @@
 """Rollouts with plain torch: batched sampling with the policy's MLA latent KV cache. Same interface as the
 vLLM engine (`generate` -> `Rollouts`, `sync_weights`); used where vLLM is absent (the GPU machine here) and
-as a second opinion in tests. It samples from the live policy, so there is nothing to sync.
+as a second opinion in tests. It samples from the live policy, so there is nothing to sync; given its own
+copy (`own_weights`: an FSDP2-sharded trainer, whose forwards are collectives), `sync_weights` loads it.
 
 Each sample draws from its own generator seeded by `sample_seed(seed, prompt, sample)`, so a sample does
 not depend on which other samples share its batch, and a resumed step samples what the original did.
 """
 from __future__ import annotations
+
+import time
 
 import torch
 
@@ -14,13 +17,19 @@ from r1pipe.rollout.types import Rollouts, sample_seed
 
 
 class TorchRolloutEngine:
-    def __init__(self, policy, pad_token_id: int = 0, max_batch: int = 256):
+    def __init__(self, policy, pad_token_id: int = 0, max_batch: int = 256, own_weights: bool = False):
         self.policy = policy
+        self.own_weights = own_weights
         self.pad_token_id = pad_token_id
         self.max_batch = max_batch
 
+    @torch.no_grad()
     def sync_weights(self, named_tensors=None) -> float:
-        return 0.0  # generation reads the trainer's own parameters
+        if not self.own_weights:
+            return 0.0  # generation reads the trainer's own parameters
+        t0 = time.perf_counter()
+        self.policy.load_state_dict(dict(named_tensors))  # the trainer's state_dict keys, full tensors
+        return time.perf_counter() - t0
 
     @torch.no_grad()
     def generate(self, prompt_token_ids, n: int = 1, temperature: float = 1.0, top_p: float = 1.0,

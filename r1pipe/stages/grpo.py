@@ -1,13 +1,13 @@
 """The GRPO stage (spec section 2). `run` sets up and loops; `grpo_step` is one step, top to bottom:
 
-    rollout -> score -> group advantages -> pack -> logprobs (old, ref) -> mu x (loss -> backward -> step)
-    -> MoE bias update -> weight sync -> metrics
+    rollout -> score (-> refill dropped groups) -> group advantages -> pack -> logprobs (old, ref)
+    -> mu x (loss -> backward -> step) -> MoE bias update -> weight sync -> metrics (reduced over ranks)
 
-The maths lives in `r1pipe.grpo` (pure functions), rewards in `r1pipe.rewards`, engines in `r1pipe.rollout`.
+The maths lives in `r1pipe.grpo` (pure functions), rollout+scoring+refill in `r1pipe.stages.grpo_sampling`,
+rewards in `r1pipe.rewards`, engines in `r1pipe.rollout`.
 """
 from __future__ import annotations
 
-import contextlib
 import resource
 import time
 from dataclasses import dataclass
@@ -15,12 +15,14 @@ from pathlib import Path
 
 import torch
 
-from r1pipe.grpo import clipped_policy_loss, group_advantages, truncated_is_weights, zero_variance_groups
+from r1pipe.grpo import clipped_policy_loss, group_advantages, truncated_is_weights
 from r1pipe.rollout.types import logprob_mismatch
 from r1pipe.training.lora import base_reference, is_lora, rollout_weights
+from r1pipe.stages.grpo_sampling import all_sum, sample_stats, sample_step
+from r1pipe.training.fsdp import accumulating, clip_grad_norm, is_sharded, placeholder_count, unsharded_copy
 from r1pipe.training.packing import pack_sequences, placeholder_batch
-from r1pipe.training.state import select_rows, step_seed
-from r1pipe.training.setup import frozen_copy
+from r1pipe.training.setup import frozen_reference
+from r1pipe.training.stats import Max, Mean, Min, Sum, gather_over_ranks, merge_stats, reduce_stats
 
 
 class NonFiniteLossError(RuntimeError):
@@ -40,78 +42,43 @@ class GRPORun:
     scheduler: object
     rows: list[dict]
     prompt_ids: list[list[int]]
-    bad_steps: int = 0
+    bad_steps: int = 0  # non-finite steps in a row (train.max_bad_steps)
+    data_position: int = 0  # prompts of the data order (r1pipe.training.state.rows_at) consumed so far
     policy_loads: torch.Tensor | None = None
 
     @property
     def model(self):
         return self.accelerator.unwrap_model(self.policy)
 
-
-def score(run: GRPORun, rows: list[dict], rollouts) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """(total rewards [N], keep [N] bool, metrics): None rewards are 0 or drop their group (recipe)."""
-    g = run.recipe.grpo.num_generations
-    texts = [decode_completion(run.tokenizer, ids, reason) for ids, reason in zip(rollouts.completion_ids, rollouts.finish_reason)]
-    per_sample = [rows[i] for i in rollouts.prompt_index]
-    columns = {k: [r.get(k) for r in per_sample] for k in per_sample[0] if k not in ("prompt", "completion")}
-    out = run.rewards([r["prompt"] for r in per_sample], texts, group_size=g, **columns)
-    totals = torch.tensor([t if t is not None else 0.0 for t in out.totals], dtype=torch.float32)
-    keep = torch.tensor(out.keep, dtype=torch.bool)
-    metrics = dict(out.metrics)
-    metrics["reward/mean"] = totals[keep].mean().item() if keep.any() else float("nan")
-    metrics["reward/std"] = totals[keep].std().item() if keep.sum() > 1 else 0.0
-    if "accuracy" in out.per_function:
-        acc = [v for v in out.per_function["accuracy"] if v is not None]
-        metrics["accuracy"] = sum(acc) / max(len(acc), 1)
-    return totals, keep, metrics
-
-
-def decode_completion(tokenizer, ids: list[int], finish_reason: str) -> str:
-    if finish_reason == "stop" and ids:
-        ids = ids[:-1]  # the stop token is not part of the answer
-    return tokenizer.decode(ids, skip_special_tokens=False)
+    def stage_state(self) -> dict:
+        """What a checkpoint keeps besides weights, optimizer and step, so that --resume goes on exactly: the
+        run of bad steps, and the data position (refills make it more than step x prompts_per_step)."""
+        return {"bad_steps": self.bad_steps, "data_position": self.data_position}
 
 
 def grpo_step(run: GRPORun, step: int) -> dict:
     rc, g = run.recipe, run.recipe.grpo.num_generations
     acc = run.accelerator
-    # 1. rollout: this rank's share of the step's prompts, G samples each
-    step_rows = select_rows(len(run.rows), rc.train.prompts_per_step, step, rc.train.seed)
-    mine = list(range(acc.process_index, len(step_rows), acc.num_processes))
-    chosen = [step_rows[k] for k in mine]
-    rows = [run.rows[i] for i in chosen]
-    # Seeds follow a prompt's place in the whole step, not the rank, so N processes sample what one does.
-    placed = {"seed_prompt_index": mine} if acc.num_processes > 1 else {}
-    t0 = time.time()
-    rollouts = run.engine.generate([run.prompt_ids[i] for i in chosen], n=g, temperature=rc.rollout.temperature,
-                                   top_p=rc.rollout.top_p, max_tokens=rc.rollout.max_tokens,
-                                   stop_token_ids=[run.tokenizer.eos_token_id], seed=step_seed(rc.train.seed, step), **placed)
-    rollout_s = time.time() - t0
-
-    # 2. score and 3. advantages (group-normalised; zero-variance groups carry no signal)
-    totals, keep, metrics = score(run, rows, rollouts)
-    advantages = group_advantages(totals, g, scale=rc.grpo.scale_rewards)
-    flat_groups = zero_variance_groups(totals, g)
-    metrics["zero_variance_groups"] = flat_groups.float().mean().item()
-    if rc.grpo.dynamic_sampling:
-        keep &= ~flat_groups.repeat_interleave(g)
+    # 1. rollout and 2. score: this rank's share of the step's prompts, G samples each; with dynamic sampling
+    # zero-variance groups (no signal) are dropped and refilled from the next prompts
+    groups, refill_rounds = sample_step(run, step)
+    rollouts, keep = groups.rollouts, groups.keep
+    # 3. advantages (group-normalised)
+    advantages = group_advantages(groups.totals, g, scale=rc.grpo.scale_rewards)
     truncated = torch.tensor(rollouts.truncated)
-    lengths = torch.tensor(rollouts.completion_lengths, dtype=torch.float32)
-    metrics.update({"completion_length": lengths.mean().item(), "truncation_rate": truncated.float().mean().item(),
-                    "rollout_tokens_per_s": lengths.sum().item() / max(rollout_s, 1e-9), "rollout_s": rollout_s})
+    metrics = {**groups.stats, **sample_stats(groups, g), "refill_rounds": refill_rounds}
 
     # 4. pack the kept samples into token-budget micro-batches
     kept = [k for k in range(rollouts.num_samples) if keep[k]]
     prompts = [rollouts.prompt_token_ids[rollouts.prompt_index[k]] for k in kept]
     completions = [rollouts.completion_ids[k] for k in kept]
     batches = pack_sequences(prompts, completions, rc.train.micro_batch_tokens)
-    n_seqs = _all_sum(acc, len(kept))
-    n_tokens = _all_sum(acc, sum(len(c) for c in completions))
+    n_seqs = all_sum(acc, len(kept))
+    n_tokens = all_sum(acc, sum(len(c) for c in completions))
     t1 = time.time()
-    train_metrics = update_policy(run, batches, kept, advantages, rollouts, truncated, n_seqs, n_tokens)
-    metrics.update(train_metrics)
+    metrics.update(update_policy(run, batches, kept, advantages, rollouts, truncated, n_seqs, n_tokens))
     train_s = time.time() - t1
-    metrics["train_tokens_per_s"] = sum(b.num_tokens for b in batches) / max(train_s, 1e-9)
+    metrics["train_tokens_per_s"] = Sum(sum(b.num_tokens for b in batches) / max(train_s, 1e-9))
 
     # 5. aux-loss-free balancing from the loads of this step's forwards (summed over ranks), then sync
     model = run.model
@@ -124,10 +91,11 @@ def grpo_step(run: GRPORun, step: int) -> dict:
         run.reference.load_state_dict(model.state_dict())
     t2 = time.time()
     run.engine.sync_weights(rollout_weights(model))  # experts travel packed, per layer; LoRA merged
-    metrics["sync_s"] = time.time() - t2
+    metrics["sync_s"] = Max(time.time() - t2)
     metrics["lr"] = run.scheduler.get_last_lr()[0]
-    metrics["peak_memory_gb"] = _peak_memory_gb()
-    return metrics
+    metrics["peak_memory_gb"] = Max(_peak_memory_gb())
+    # 6. every rank's stats into the step's values: one all-gather, none on one process
+    return reduce_stats(metrics, gather_over_ranks(acc))
 
 
 def old_policy_is_training_forward(grpo_config) -> bool:
@@ -137,13 +105,15 @@ def old_policy_is_training_forward(grpo_config) -> bool:
 
 
 def update_policy(run: GRPORun, batches, kept, advantages, rollouts, truncated, n_seqs, n_tokens) -> dict:
-    """mu passes over the micro-batches; returns loss/KL/clip/entropy/mismatch metrics."""
+    """mu passes over the micro-batches; returns loss/KL/clip/entropy/mismatch metrics (stats and values)."""
     rc, acc, policy = run.recipe, run.accelerator, run.policy
     device = acc.device
     batches = [b.to(device) for b in batches]
     mu = rc.grpo.num_iterations
     run.policy_loads = None
     old_from_training = old_policy_is_training_forward(rc.grpo)
+    # FSDP2: every forward is a collective, so each rank runs as many as the rank with the most micro-batches
+    pads = placeholder_count(acc, len(batches), is_sharded(policy))  # (a collective: before any forward)
     # pi_old = the sampling policy (this step's weights before any update), and pi_ref
     old, ref, entropies = [], [], []
     with torch.no_grad():  # the unwrapped model: a DDP forward here would join collectives other ranks skip
@@ -155,18 +125,21 @@ def update_policy(run: GRPORun, batches, kept, advantages, rollouts, truncated, 
                 _add_loads(run)
             if run.reference is not None and rc.grpo.beta:
                 ref.append(b.unpack(run.reference(b.input_ids, position_ids=b.position_ids, targets=b.targets)))
+        for _ in range(pads if is_sharded(policy) else 0):
+            _placeholder_forwards(run, device, policy=not old_from_training,
+                                  reference=run.reference is not None and bool(rc.grpo.beta))
     metrics = {}
     sampler = [_sampler_logprobs(b, kept, rollouts, device) for b in batches]
     masks = [b.completion_mask * (1.0 - _truncated_rows(b, kept, truncated, rc.grpo.mask_truncated, device)) for b in batches]
-    sums: dict[str, float] = {}
     if n_seqs == 0:  # every rank dropped every sample (dynamic sampling): nothing to learn from this step
         mu = 0
+    stats = loss_stat_template(rc) if mu else {}
+    loss_sum = policy_loss_sum = 0.0
+    local_nonfinite = False
     for _ in range(mu):
-        if not batches and acc.num_processes > 1:  # other ranks have sequences: join their all-reduce with zeros
-            acc.backward(_zero_loss(policy, run.tokenizer, device))
         for i, b in enumerate(batches):
             # DDP all-reduces on the last micro-batch only: ranks may hold different numbers of them
-            with contextlib.nullcontext() if i == len(batches) - 1 else acc.no_sync(policy):
+            with accumulating(acc, policy, last=i == len(batches) - 1):
                 out = policy(b.input_ids, position_ids=b.position_ids, targets=b.targets, return_entropy=old_from_training)
                 if old_from_training:
                     logp, ent = b.unpack(out[0]), b.unpack(out[1].detach())
@@ -188,18 +161,19 @@ def update_policy(run: GRPORun, batches, kept, advantages, rollouts, truncated, 
                 if rc.grpo.loss_type not in ("dapo", "bnpo"):
                     # a per-sequence mean over this micro-batch -> its share of the step's sequences
                     loss = loss * (b.gather_index.shape[0] * acc.num_processes / max(n_seqs, 1))
+                policy_loss_sum += loss.detach()  # summed on the device: no sync per micro-batch
+                stats = merge_stats(stats, loss_metric_stats(m, masks[i], rc.grpo.loss_type == "gspo"))
                 balance = run.model.balance_loss()
                 if balance is not None:
                     loss = loss + balance / len(batches)
-                if not torch.isfinite(loss):
-                    sums["nonfinite"] = 1.0
+                local_nonfinite |= not torch.isfinite(loss)
                 acc.backward(loss)
-                sums["loss"] = sums.get("loss", 0.0) + loss.item()
-                for k, v in m.items():
-                    sums[k] = sums.get(k, 0.0) + float(v) / len(batches)
-        grad_norm = acc.clip_grad_norm_(policy.parameters(), rc.optim.max_grad_norm)
+                loss_sum += loss.detach()
+        for _ in range(pads):  # other ranks have more micro-batches: join their all-reduce (DDP: only a rank
+            acc.backward(_zero_loss(policy, run.tokenizer, device))  # without any) or their FSDP2 collectives
+        grad_norm = clip_grad_norm(acc, policy.parameters(), rc.optim.max_grad_norm)
         # one rank's non-finite loss skips the step on every rank, or their weights would part
-        nonfinite = _all_sum(acc, int("nonfinite" in sums)) > 0
+        nonfinite = all_sum(acc, int(local_nonfinite)) > 0
         if nonfinite or not torch.isfinite(torch.as_tensor(grad_norm)):
             run.optimizer.zero_grad(set_to_none=True)
             run.bad_steps += 1
@@ -215,23 +189,61 @@ def update_policy(run: GRPORun, batches, kept, advantages, rollouts, truncated, 
     run.scheduler.step()
     if run.policy_loads is None and acc.num_processes > 1 and run.model.expert_loads().numel():
         run.policy_loads = torch.zeros_like(run.model.expert_loads())  # still joins the load all-reduce
-    metrics.update(_old_policy_metrics(batches, sampler, old, entropies))
-    metrics.update({k: v / mu for k, v in sums.items() if k != "nonfinite"})
+    if mu:
+        # the loss each rank backpropagated, summed over its micro-batches, is num_processes x its share of
+        # the step's loss: the mean over ranks and passes is the step's loss (policy_loss: without balancing)
+        stats.update({"loss": Mean(float(loss_sum), mu), "policy_loss": Mean(float(policy_loss_sum), mu)})
+    stats.update(_old_policy_stats(batches, sampler, old, entropies))
     metrics["skipped_nonfinite"] = metrics.get("skipped_nonfinite", 0.0)
-    return metrics
+    return {**stats, **metrics}
 
 
-def _old_policy_metrics(batches, sampler, old, entropies) -> dict:
-    """Sampler-vs-trainer log-prob mismatch and the completion tokens' mean entropy under pi_old."""
-    metrics = {}
-    mism = [logprob_mismatch(s, o, b.completion_mask.bool()) for s, o, b in zip(sampler, old, batches)]
-    if mism:
-        metrics["logprob_mismatch_max"] = max(m["logprob_mismatch_max"] for m in mism)
-        metrics["logprob_mismatch_mean"] = sum(m["logprob_mismatch_mean"] for m in mism) / len(mism)
-    ent_tokens = sum(float(b.completion_mask.sum()) for b in batches[: len(entropies)])
-    if ent_tokens:
-        metrics["entropy"] = sum(float((e * b.completion_mask).sum()) for e, b in zip(entropies, batches)) / ent_tokens
-    return metrics
+def loss_metric_stats(m: dict, mask: torch.Tensor, sequence_level: bool) -> dict:
+    """One micro-batch's `clipped_policy_loss` metrics as stats: *_min/*_max as min/max, the others as means
+    weighted by what they averaged: completion tokens, or sequences for the clip and ratio means of a
+    sequence-level ratio (gspo). Its policy_loss is left out: the step logs the loss it backpropagated."""
+    tokens, seqs = float(mask.sum()), float(mask.shape[0])
+    out = {}
+    for key, value in m.items():
+        if key == "policy_loss":
+            continue
+        value = float(value)
+        if key.endswith(("_max", "/max")):
+            out[key] = Max(value)
+        elif key.endswith(("_min", "/min")):
+            out[key] = Min(value)
+        else:
+            out[key] = Mean.of(value, seqs if sequence_level and key.startswith(("clip_ratio/", "ratio/")) else tokens)
+    return out
+
+
+def loss_stat_template(rc) -> dict:
+    """Every metric `clipped_policy_loss` reports under this recipe, empty (from a call on zero sequences):
+    a rank without sequences still packs the keys the other ranks do."""
+    empty = torch.zeros(0, 1)
+    _, m = clipped_policy_loss(empty, None, torch.zeros(0), empty, loss_type=rc.grpo.loss_type, beta=rc.grpo.beta,
+                               ref_logp=empty, max_completion_length=rc.rollout.max_tokens)
+    return loss_metric_stats(m, empty, rc.grpo.loss_type == "gspo")
+
+
+def _old_policy_stats(batches, sampler, old, entropies) -> dict:
+    """Sampler-vs-trainer log-prob mismatch and the completion tokens' mean entropy under pi_old, as stats
+    (the keys also where this rank has no micro-batch)."""
+    stats = {"logprob_mismatch_max": Max(), "logprob_mismatch_mean": Mean(), "entropy": Mean()}
+    for s, o, b in zip(sampler, old, batches):
+        mism, tokens = logprob_mismatch(s, o, b.completion_mask.bool()), float(b.completion_mask.sum())
+        stats = merge_stats(stats, {"logprob_mismatch_max": Max(mism["logprob_mismatch_max"]),
+                                    "logprob_mismatch_mean": Mean.of(mism["logprob_mismatch_mean"], tokens)})
+    for e, b in zip(entropies, batches):
+        stats["entropy"] += Mean(float((e * b.completion_mask).sum()), float(b.completion_mask.sum()))
+    return stats
+
+
+def _placeholder_forwards(run, device, policy: bool, reference: bool) -> None:
+    """The no-grad forwards of one placeholder micro-batch (outputs and expert loads dropped)."""
+    b = placeholder_batch(run.tokenizer.pad_token_id or 0).to(device)
+    for model in ([run.model] if policy else []) + ([run.reference] if reference else []):
+        model(b.input_ids, position_ids=b.position_ids, targets=b.targets)
 
 
 def _zero_loss(policy, tokenizer, device) -> torch.Tensor:
@@ -259,12 +271,6 @@ def _truncated_rows(b, kept, truncated, enabled, device):
     return truncated[[kept[j] for j in b.seq_index.tolist()]].float().to(device)[:, None]
 
 
-def _all_sum(acc, value: int) -> int:
-    if acc.num_processes == 1:
-        return value
-    return int(acc.reduce(torch.tensor(value, device=acc.device), reduction="sum").item())
-
-
 def _peak_memory_gb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
@@ -276,10 +282,13 @@ def _peak_memory_gb() -> float:
 
 def make_engine(recipe, policy, tokenizer, out_dir: Path, rank: int = 0):
     """The rollout engine of `recipe.rollout.engine`; vLLM starts from a snapshot of the current policy."""
+    sharded = is_sharded(policy)
+    if sharded:  # the engine generates alone, with whole weights (a gather on every rank), synced after each step
+        policy = unsharded_copy(policy)
     if recipe.rollout.engine == "torch":
         from r1pipe.rollout.torch_engine import TorchRolloutEngine
 
-        return TorchRolloutEngine(policy, pad_token_id=tokenizer.pad_token_id or 0)
+        return TorchRolloutEngine(policy, pad_token_id=tokenizer.pad_token_id or 0, own_weights=sharded)
     from r1pipe.rollout.vllm_engine import VLLMRolloutEngine
 
     # one snapshot per rank: ranks start their engines at the same time
@@ -305,21 +314,22 @@ def run(recipe, resume: bool = False, max_steps: int | None = None) -> Path:
     if rc.grpo.beta and is_lora(policy):  # the base with adapters off: no second model in memory
         reference = base_reference(policy, rc.grpo.ref_reset_every)
     elif rc.grpo.beta:
-        reference = (type(policy).from_pretrained(session.checkpoint / "reference", device=acc.device)
-                     if session.checkpoint is not None else frozen_copy(policy))
-        reference.requires_grad_(False).eval()
+        reference = frozen_reference(policy, session.checkpoint / "reference" if session.checkpoint is not None else None,
+                                     acc.device)
     rows = load_prompt_dataset(rc.data.train).to_list()[: rc.data.limit]
     prompt_ids = [format_prompt(session.tokenizer, r["prompt"]) for r in rows]
     engine = make_engine(rc, policy, session.tokenizer, session.out_dir, acc.process_index)
     rewards = RewardRunner(rc.rewards, none_policy="drop_group" if rc.grpo.failed_reward == "drop_group" else "zero",
                            base_dir=Path(rc.source).parent if rc.source else None)
+    # a checkpoint from before stage_state was saved: no bad steps, and no refills moved the data position
+    resumed = {"bad_steps": 0, "data_position": session.start_step * rc.train.prompts_per_step, **session.resumed_state}
     state = GRPORun(rc, acc, session.wrapped, reference, session.tokenizer, engine, rewards, session.optimizer,
-                    session.scheduler, rows, prompt_ids)
+                    session.scheduler, rows, prompt_ids, bad_steps=resumed["bad_steps"], data_position=resumed["data_position"])
     try:
         for step in range(session.start_step, session.total_steps):
             session.wrapped.train()
             session.logger.log(step + 1, grpo_step(state, step))
-            session.maybe_save(step + 1, reference)
+            session.maybe_save(step + 1, reference, stage_state=state.stage_state())
     finally:
         rewards.close()
-    return session.finish(reference)
+    return session.finish(reference, stage_state=state.stage_state())

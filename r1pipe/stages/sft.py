@@ -4,13 +4,13 @@ update after every step. Rows need `prompt` and a response column (`completion`,
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from pathlib import Path
 
 import torch
 
+from r1pipe.training.fsdp import accumulating, clip_grad_norm, placeholder_count
 from r1pipe.training.packing import pack_sequences, placeholder_batch
 from r1pipe.training.state import select_rows
 
@@ -30,14 +30,11 @@ def sft_step(session, rows, prompt_ids, response_ids, step: int) -> dict:
     if acc.num_processes > 1:
         n_tokens = int(acc.reduce(torch.tensor(n_tokens, device=acc.device), reduction="sum").item())
     t0, total, loads = time.time(), 0.0, None
-    if not batches and acc.num_processes > 1:  # a rank without rows joins the others' all-reduce with zeros
-        b = placeholder_batch(session.tokenizer.pad_token_id or 0).to(acc.device)
-        acc.backward(wrapped(b.input_ids, position_ids=b.position_ids, targets=b.targets).sum() * 0.0)
-        loads = session.policy.expert_loads() * 0  # and the expert-load all-reduce below
+    pads = placeholder_count(acc, len(batches), session.sharded)  # a collective: before any forward
     for i, b in enumerate(batches):
         b = b.to(acc.device)
         # DDP all-reduces on the last micro-batch only: ranks may hold different numbers of them
-        with contextlib.nullcontext() if i == len(batches) - 1 else acc.no_sync(wrapped):
+        with accumulating(acc, wrapped, last=i == len(batches) - 1):
             logp = b.unpack(wrapped(b.input_ids, position_ids=b.position_ids, targets=b.targets))
             # token mean over the whole step (all micro-batches, all ranks; DDP averages over ranks)
             loss = -(logp * b.completion_mask).sum() * acc.num_processes / max(n_tokens, 1)
@@ -48,7 +45,14 @@ def sft_step(session, rows, prompt_ids, response_ids, step: int) -> dict:
         total += loss.item()
         step_loads = session.policy.expert_loads()
         loads = step_loads if loads is None else loads + step_loads
-    grad_norm = acc.clip_grad_norm_(wrapped.parameters(), rc.optim.max_grad_norm)
+    # a rank without rows joins the others' all-reduce with zeros (DDP); FSDP2: as many forwards and
+    # backwards as the rank with the most micro-batches (each is a collective)
+    for _ in range(pads):
+        b = placeholder_batch(session.tokenizer.pad_token_id or 0).to(acc.device)
+        acc.backward(wrapped(b.input_ids, position_ids=b.position_ids, targets=b.targets).sum() * 0.0)
+    if loads is None and acc.num_processes > 1:
+        loads = session.policy.expert_loads() * 0  # and the expert-load all-reduce below
+    grad_norm = clip_grad_norm(acc, wrapped.parameters(), rc.optim.max_grad_norm)
     if acc.num_processes > 1:  # the step's loss over all ranks; one rank's NaN skips the step everywhere
         total = acc.reduce(torch.tensor(total, dtype=torch.float64, device=acc.device), reduction="sum").item()
     skipped = not (math.isfinite(total) and torch.isfinite(torch.as_tensor(grad_norm)))

@@ -180,27 +180,20 @@ def merged_state_items(policy: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def rollout_weights(model: nn.Module):
-    """What the rollout engine loads after a step: merged weights for a LoRA policy, else the state_dict."""
-    return merged_state_items(model) if is_lora(model) else model.state_dict().items()
+    """What the rollout engine loads after a step: merged weights for a LoRA policy, else the state_dict
+    (full tensors of an FSDP2-sharded policy, gathered as the engine consumes them: every rank's engine
+    needs the whole model)."""
+    from r1pipe.training.fsdp import full_state_items
 
-
-def _set_tensor(module: nn.Module, dotted: str, value: torch.Tensor) -> None:
-    owner, _, name = dotted.rpartition(".")
-    setattr(module.get_submodule(owner) if owner else module, name, value)
+    return merged_state_items(model) if is_lora(model) else full_state_items(model)
 
 
 def merged_policy(policy: LoRAPolicy) -> DeepSeekPolicy:
     """A frozen plain DeepSeekPolicy with the merged weights; untouched tensors share storage with
     `policy` (read-only use: saving, evaluation)."""
-    with torch.device("meta"):
-        plain = DeepSeekPolicy(policy.config)
-    plain.load_state_dict(dict(merged_state_items(policy)), assign=True)
-    persistent = set(plain.state_dict())
-    buffers = {_plain(n): b for n, b in policy.named_buffers()}
-    for name, _ in list(plain.named_buffers()):  # rope frequencies, expert-load counters
-        if name not in persistent:
-            _set_tensor(plain, name, buffers[name].clone())
-    return plain.requires_grad_(False).eval()
+    from r1pipe.training.setup import policy_from_state
+
+    return policy_from_state(policy.config, dict(merged_state_items(policy)), {_plain(n): b for n, b in policy.named_buffers()})
 
 
 # ---- the reference policy: adapters off -------------------------------------------------------------

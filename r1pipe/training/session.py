@@ -3,11 +3,12 @@ checkpoint, or from the latest resumable checkpoint), optimizer and schedule, th
 atomic checkpoints and the final policy in `output_dir/final`."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from r1pipe.training import fsdp
 from r1pipe.training.metrics import MetricsLogger
 from r1pipe.training.optim import build_optimizer
 from r1pipe.training.setup import load_policy_for
@@ -28,22 +29,37 @@ class TrainSession:
     checkpoint: Path | None  # the checkpoint resumed from
     logger: MetricsLogger
     out_dir: Path
+    resumed_state: dict = field(default_factory=dict)  # the stage_state saved with `checkpoint` ({} fresh)
+    sharded: bool = False  # FSDP2 (r1pipe.training.fsdp): policy, reference and optimizer state sharded
 
-    def maybe_save(self, step: int, reference=None) -> None:
+    def maybe_save(self, step: int, reference=None, stage_state: dict | None = None) -> None:
         every = self.recipe.train.save_every
         if every and step % every == 0 and step < self.total_steps:
+            policy, optimizer, reference = self._full_state(reference)
             if self.accelerator.is_main_process:
-                save_train_state(self.out_dir, step, self.policy, self.optimizer, self.scheduler, reference, self.tokenizer)
+                save_train_state(self.out_dir, step, policy, optimizer, self.scheduler, reference, self.tokenizer,
+                                 stage_state=stage_state)
             self.accelerator.wait_for_everyone()
 
-    def finish(self, reference=None) -> Path:
+    def finish(self, reference=None, stage_state: dict | None = None) -> Path:
         self.logger.close()
         final = self.out_dir / "final"
+        policy, optimizer, reference = self._full_state(reference)
         if self.accelerator.is_main_process:
-            save_train_state(self.out_dir, self.total_steps, self.policy, self.optimizer, self.scheduler, reference, self.tokenizer)
-            self.policy.save_pretrained(final, tokenizer=self.tokenizer)
+            save_train_state(self.out_dir, self.total_steps, policy, optimizer, self.scheduler, reference, self.tokenizer,
+                             stage_state=stage_state)
+            policy.save_pretrained(final, tokenizer=self.tokenizer)
         self.accelerator.wait_for_everyone()
         return final
+
+    def _full_state(self, reference):
+        """(policy, optimizer, reference) as a checkpoint saves them: sharded ones gathered on every rank (a
+        collective) and kept on the main process, as plain copies on the CPU in the unsharded layout."""
+        if not self.sharded:
+            return self.policy, self.optimizer, reference
+        keep = self.accelerator.is_main_process
+        return (fsdp.unsharded_copy(self.policy, "cpu", keep), fsdp.gathered_optimizer(self.optimizer, keep),
+                fsdp.unsharded_copy(reference, "cpu", keep) if reference is not None else None)
 
 
 def open_session(recipe, resume: bool, max_steps: int | None, total_steps: int | None = None) -> TrainSession:
@@ -60,9 +76,22 @@ def open_session(recipe, resume: bool, max_steps: int | None, total_steps: int |
     if ckpt is not None:
         recipe.model.path, recipe.model.init = str(ckpt / "policy"), None
     policy, tokenizer = load_policy_for(recipe.model, recipe.train.seed, device=accelerator.device)
+    sharded = fsdp.requested(recipe, accelerator.num_processes)
+    if sharded:  # before the optimizer: it steps the sharded parameters
+        fsdp.shard(policy, device_type=accelerator.device.type)
     optimizer, scheduler = build_optimizer(policy.parameters(), recipe.optim, total)
-    start = load_trainer_state(ckpt, optimizer, scheduler)["step"] if ckpt is not None else 0
-    wrapped, optimizer = accelerator.prepare(policy, optimizer)
+    resumed = ({"step": 0, "stage_state": {}} if ckpt is None else
+               load_trainer_state(ckpt, fsdp.sharding_loader(optimizer) if sharded else optimizer, scheduler))
+    start = resumed["step"]
+    if sharded:  # accelerate neither wraps the model (DDP) nor the optimizer: the same path on CPU and GPU
+        wrapped = policy
+        if accelerator.is_main_process:
+            local = sum(p.to_local().numel() for p in policy.parameters())
+            print(f"FSDP2: policy sharded over {accelerator.num_processes} processes; "
+                  f"rank 0 holds {local:,} of {sum(p.numel() for p in policy.parameters()):,} parameters", flush=True)
+    else:
+        wrapped, optimizer = accelerator.prepare(policy, optimizer)
     logger = MetricsLogger(out_dir, total, start_step=start, enabled=accelerator.is_main_process,
                            run_name=recipe.name or recipe.stage)
-    return TrainSession(recipe, accelerator, policy, wrapped, tokenizer, optimizer, scheduler, start, total, ckpt, logger, out_dir)
+    return TrainSession(recipe, accelerator, policy, wrapped, tokenizer, optimizer, scheduler, start, total, ckpt, logger, out_dir,
+                        resumed["stage_state"], sharded)

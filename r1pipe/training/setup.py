@@ -51,3 +51,31 @@ def frozen_copy(policy: DeepSeekPolicy) -> DeepSeekPolicy:
     for p in reference.parameters():
         p.requires_grad_(False)
     return reference
+
+
+def frozen_reference(policy, saved: Path | None = None, device="cpu"):
+    """The frozen KL reference: the one saved with a resumed checkpoint (`saved`), else a copy of the policy;
+    sharded over the policy's ranks when the policy is (FSDP2: no optimizer, forwards are collectives)."""
+    from r1pipe.training import fsdp
+
+    sharded = fsdp.is_sharded(policy)
+    if saved is not None:
+        reference = DeepSeekPolicy.from_pretrained(saved, device=device)
+    else:
+        reference = fsdp.unsharded_copy(policy) if sharded else frozen_copy(policy)
+    reference.requires_grad_(False).eval()
+    return fsdp.shard(reference, mesh=fsdp.mesh_of(policy)) if sharded else reference
+
+
+def policy_from_state(config, state: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]) -> DeepSeekPolicy:
+    """A frozen plain DeepSeekPolicy holding `state` (its state_dict's tensors, not copied) and, from
+    `buffers` (name -> tensor), the non-persistent buffers a state_dict leaves out (rope, expert loads)."""
+    with torch.device("meta"):
+        plain = DeepSeekPolicy(config)
+    plain.load_state_dict(state, assign=True)
+    persistent = set(plain.state_dict())
+    for name, _ in list(plain.named_buffers()):
+        if name not in persistent:
+            owner, _, leaf = name.rpartition(".")
+            setattr(plain.get_submodule(owner) if owner else plain, leaf, buffers[name].clone())
+    return plain.requires_grad_(False).eval()

@@ -1,5 +1,6 @@
 """Resumable training state: `DIR/checkpoints/step-N/` holds the policy (published layout), the reference
-policy, optimizer, scheduler, RNG states and the step; written atomically (temp dir, then rename) and
+policy, optimizer, scheduler, RNG states, the step and the stage's own counters (`stage_state`: GRPO's
+run of bad steps and data position); written atomically (temp dir, then rename) and
 `DIR/checkpoints/latest` names the newest complete one. `--resume` loads it and continues bit for bit:
 each step's data order and sampling seeds derive from (run seed, step), never from consumed RNG state.
 """
@@ -25,12 +26,18 @@ def step_seed(run_seed: int, step: int, salt: int = 0) -> int:
 
 def select_rows(n_rows: int, per_step: int, step: int, seed: int) -> list[int]:
     """Row indices of a step: epoch-wise shuffles keyed by (seed, epoch), so any step is computable alone."""
-    out, position = [], step * per_step
-    while len(out) < per_step:
+    return rows_at(n_rows, step * per_step, per_step, seed)
+
+
+def rows_at(n_rows: int, position: int, count: int, seed: int) -> list[int]:
+    """`count` row indices from `position` on in the data order: the concatenated epoch-wise shuffles.
+    A stage that consumes a varying number of rows a step (dynamic-sampling refills) keeps its position."""
+    out = []
+    while len(out) < count:
         epoch, offset = divmod(position, n_rows)
         order = list(range(n_rows))
         random.Random(step_seed(seed, epoch, salt=1)).shuffle(order)
-        take = order[offset : offset + per_step - len(out)]
+        take = order[offset : offset + count - len(out)]
         out.extend(take)
         position += len(take)
     return out
@@ -47,8 +54,9 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_train_state(out_dir: Path, step: int, policy, optimizer, scheduler, reference=None, tokenizer=None,
-                     extra: dict | None = None, keep_last: int = 2) -> Path:
-    """Write checkpoints/step-{step} atomically and point checkpoints/latest at it."""
+                     extra: dict | None = None, keep_last: int = 2, stage_state: dict | None = None) -> Path:
+    """Write checkpoints/step-{step} atomically and point checkpoints/latest at it. `stage_state`: what the
+    stage needs besides the step to go on exactly (counters, a data position); `load_trainer_state` returns it."""
     root = Path(out_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     target = root / f"step-{step}"
@@ -57,8 +65,8 @@ def save_train_state(out_dir: Path, step: int, policy, optimizer, scheduler, ref
         policy.save_pretrained(tmp / "policy", tokenizer=tokenizer)
         if reference is not None:
             reference.save_pretrained(tmp / "reference")
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
-                   tmp / "trainer_state.pt")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
+                    "stage_state": dict(stage_state or {})}, tmp / "trainer_state.pt")
         (tmp / "meta.json").write_text(json.dumps({"step": step, **(extra or {})}, indent=2))
         replace_dir(tmp, target)
     except BaseException:
@@ -87,11 +95,13 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 
 
 def load_trainer_state(ckpt: Path, optimizer, scheduler) -> dict:
+    """Restore optimizer, scheduler and RNG; returns meta.json's entries plus `stage_state` ({} when the
+    checkpoint predates it)."""
     state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
-    return json.loads((ckpt / "meta.json").read_text())
+    return {**json.loads((ckpt / "meta.json").read_text()), "stage_state": state.get("stage_state", {})}
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -4,7 +4,10 @@ tensors of a run's `final/` policy. The tests themselves live next to this file.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -80,6 +83,50 @@ def run_train(recipe: Path, *args: str, timeout: float = 300) -> subprocess.Comp
     proc = subprocess.run(train_command(recipe, *args), env=run_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(train_command(recipe, *args))} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc
+
+
+class Killed(Exception):
+    """Stands for a kill between two steps (see `kill_before_step`)."""
+
+
+def kill_before_step(monkeypatch, index: int) -> None:
+    """Make an in-process GRPO run die (Killed) as its step `index` (0-based) would start: what the last
+    checkpoint holds is all a resume has, as after a kill -9 between steps."""
+    from r1pipe.stages import grpo
+
+    real_step = grpo.grpo_step
+
+    def step(run, i):
+        if i == index:
+            raise Killed(f"before step {i}")
+        return real_step(run, i)
+
+    monkeypatch.setattr(grpo, "grpo_step", step)
+
+
+def free_port() -> int:
+    with socket.socket() as s:  # other test runs share this machine: never assume 29500 is free
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def accelerate_launch(*args: str, timeout: float = 400):
+    """`accelerate launch` of 2 processes (its flags, then the script and its arguments in `args`), in its own
+    session: on a failure or hang the launcher and both workers go down together. The body runs while the
+    workers do (the one-process side of a comparison); on leaving, the launch must have succeeded."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), *args]
+    launched = subprocess.Popen(cmd, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+    try:
+        yield launched
+        launched.output, _ = launched.communicate(timeout=timeout)
+    finally:
+        if launched.poll() is None:
+            os.killpg(launched.pid, signal.SIGKILL)
+            launched.wait()
+    assert launched.returncode == 0, launched.output[-8000:]
 
 
 def final_tensors(run_dir: Path) -> dict:

@@ -1,6 +1,7 @@
 """NaN/inf loss (issue 4, "Running it"): the step is skipped (no optimizer step) and counted in
 metrics.jsonl (`skipped_nonfinite`), training goes on after an isolated bad step, and after
-`train.max_bad_steps` bad steps in a row the run aborts with a message naming that key.
+`train.max_bad_steps` bad steps in a row the run aborts with a message naming that key, also when the
+row spans a checkpoint and a resume (the count is saved with the trainer state).
 GRPO gets its NaN from a patched loss; SFT from an absurd learning rate, as a user would.
 """
 from __future__ import annotations
@@ -8,10 +9,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from r1pipe.stages import grpo
 from tests.training.grad_dump import dumping_grads
-from tests.training.helpers import grpo_recipe, sft_recipe
+from tests.training.helpers import Killed, grpo_recipe, kill_before_step, sft_recipe
 
 
 def _poison(monkeypatch, bad_steps):
@@ -60,6 +62,26 @@ def test_grpo_aborts_after_max_bad_steps_in_a_row(tmp_path, monkeypatch):
     assert not optimizer_steps
     assert [r["skipped_nonfinite"] for r in _metrics(tmp_path / "nan_always")] == [1.0, 1.0]  # step 3 raised
     assert not (tmp_path / "nan_always" / "final").exists()
+
+
+def test_grpo_bad_step_count_survives_resume(tmp_path, monkeypatch):
+    """Step 2 is NaN and checkpointed, the run dies; resumed, a NaN step 3 is the second in a row, so
+    max_bad_steps=2 aborts there. A resume that forgot the count would take step 3 as the first and go on."""
+    from r1pipe.train import main
+
+    recipe = grpo_recipe(tmp_path, "nan_resume", train={"max_steps": 4, "max_bad_steps": 2, "save_every": 2})
+    with monkeypatch.context() as first_run, pytest.raises(Killed):
+        _poison(first_run, bad_steps={1})
+        kill_before_step(first_run, 2)
+        main([str(recipe)])
+    checkpoint = tmp_path / "nan_resume" / "checkpoints" / "step-2"
+    assert torch.load(checkpoint / "trainer_state.pt", weights_only=False)["stage_state"]["bad_steps"] == 1
+
+    _poison(monkeypatch, bad_steps={2})
+    with pytest.raises(grpo.NonFiniteLossError, match=r"2 steps in a row.*train\.max_bad_steps=2"):
+        main([str(recipe), "--resume"])
+    assert [r["skipped_nonfinite"] for r in _metrics(tmp_path / "nan_resume")] == [0.0, 1.0]  # step 3 raised
+    assert not (tmp_path / "nan_resume" / "final").exists()
 
 
 def test_sft_absurd_lr_skips_then_aborts(tmp_path):

@@ -1,0 +1,173 @@
+"""FSDP2 sharding of the policy, the frozen reference and the optimizer state, applied by r1pipe itself
+(`torch.distributed.fsdp.fully_shard`), so that the CPU (gloo) and the GPU (NCCL) take the same code path:
+accelerate 1.15 only takes its own FSDP path for GPU-like launches and would silently ignore the config
+on the CPU. The launch asks for it (`accelerate launch --config_file recipes/accelerate/fsdp2.yaml`: the
+launcher exports ACCELERATE_USE_FSDP=true, FSDP_VERSION=2) or the recipe does (`train.fsdp: true`).
+
+Units: each decoder layer, then the root (embeddings, final norm and lm_head, which the policy's forward
+reads directly). Every forward and backward of a sharded model is a collective, so ranks must run the same
+number of them: the stages pad with placeholder micro-batches (`placeholder_count`) whose loss is zero.
+What leaves a rank whole: `full_state_items` (the rollout engine's weights, every rank), `unsharded_copy`
+(checkpoints, rank 0; the KL reference's and the torch engine's starting copy), `gathered_optimizer`
+(checkpoints keep the full optimizer state in the plain layout, so a run resumes at any world size).
+Buffers (the MoE balancing bias) are not sharded: every rank updates its copy from all-reduced loads.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Iterator
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+
+def requested(recipe, num_processes: int) -> bool:
+    """Shard when the recipe or the accelerate launcher asks for FSDP and there is more than one process."""
+    from_launcher = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+    if from_launcher and os.environ.get("FSDP_VERSION", "1") != "2":
+        raise ValueError(f"the accelerate config asks for FSDP version {os.environ.get('FSDP_VERSION', '1')}; r1pipe "
+                         "supports FSDP2 only (fsdp_version: 2, as in recipes/accelerate/fsdp2.yaml)")
+    if not (from_launcher or recipe.train.fsdp):
+        return False
+    if recipe.model.lora_rank > 0:
+        raise ValueError("FSDP2 sharding with LoRA (model.lora_rank > 0) is not supported: launch LoRA runs "
+                         "with recipes/accelerate/ddp.yaml (the adapters' optimizer state is small anyway)")
+    return num_processes > 1
+
+
+def is_sharded(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def shard(model: nn.Module, mesh=None, device_type: str | None = None) -> nn.Module:
+    """fully_shard each decoder layer, then the root (in place; returns the model). `mesh`: the policy's,
+    to shard a second model (the reference) over the same ranks."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from r1pipe.training.lora import is_lora
+
+    if is_lora(model):
+        raise ValueError("FSDP2 sharding of a LoRA policy is not supported")
+    if mesh is None:
+        device_type = device_type or next(model.parameters()).device.type
+        mesh = init_device_mesh(device_type, (torch.distributed.get_world_size(),))
+    reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() != "false"
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh)  # the root: embed_tokens, norm, lm_head
+    return model
+
+
+def mesh_of(model: nn.Module):
+    return next(model.parameters()).device_mesh
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def full_state_items(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, full tensor) over the state_dict; a collective per sharded tensor: every rank iterates it whole."""
+    for key, tensor in model.state_dict().items():
+        yield key, _full(tensor.detach())
+
+
+def unsharded_copy(model: nn.Module, device=None, keep: bool = True):
+    """A plain frozen DeepSeekPolicy with the sharded model's full weights (collective), on `device`;
+    None where `keep` is False (the gather still runs there)."""
+    from torch.distributed.tensor import DTensor
+
+    from r1pipe.training.setup import policy_from_state
+
+    state = {}
+    for key, tensor in model.state_dict().items():
+        # a buffer (the balancing bias) is the model's own: copied, or the copy would follow its updates
+        full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor.detach().clone()
+        if keep:
+            state[key] = full.to(device) if device is not None else full
+    if not keep:
+        return None
+    buffers = {name: b.to(device) if device is not None else b for name, b in model.named_buffers()}
+    plain = policy_from_state(model.config, state, buffers)
+    plain.gradient_checkpointing = model.gradient_checkpointing
+    return plain
+
+
+def gathered_optimizer(optimizer, keep: bool = True):
+    """The optimizer's state_dict with full tensors, in the layout of an unsharded optimizer (collective);
+    an object with `state_dict()` for `save_train_state`, None where `keep` is False."""
+    state = optimizer.state_dict()
+    full = {i: {k: _full(v).cpu() if torch.is_tensor(v) else v for k, v in s.items()} for i, s in state["state"].items()}
+    if not keep:
+        return None
+    saved = {"state": full, "param_groups": state["param_groups"]}
+    return SimpleNamespace(state_dict=lambda: saved)
+
+
+def sharding_loader(optimizer):
+    """An object whose `load_state_dict(full)` loads a full (gathered or single-process) optimizer state into
+    the sharded optimizer: every rank slices its own shard, no communication."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    def load_state_dict(saved: dict) -> None:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        state = {}
+        for i, entries in saved["state"].items():
+            p = params[int(i)]
+            state[i] = {k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+                        if isinstance(p, DTensor) and torch.is_tensor(v) and v.shape == p.shape else v
+                        for k, v in entries.items()}
+        optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+
+    return SimpleNamespace(load_state_dict=load_state_dict)
+
+
+def clip_grad_norm(acc, parameters, max_norm: float) -> float:
+    """Clip to `max_norm` like torch's clip_grad_norm_; returns the total norm as a float, the same on every
+    rank. Sharded gradients (DTensors, Shard(0) over one mesh) add their local squares over the ranks."""
+    from torch.distributed.tensor import DTensor
+
+    parameters = list(parameters)
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not any(isinstance(g, DTensor) for g in grads):
+        return float(acc.clip_grad_norm_(parameters, max_norm))
+    squares = torch.stack([_local(g).double().pow(2).sum() for g in grads]).sum()
+    torch.distributed.all_reduce(squares, group=grads[0].device_mesh.get_group())
+    total = math.sqrt(float(squares))
+    coef = min(max_norm / (total + 1e-6), 1.0)
+    for g in grads:
+        _local(g).mul_(coef)
+    return total
+
+
+def placeholder_count(acc, n_batches: int, sharded: bool) -> int:
+    """Placeholder micro-batches this rank runs after its own: sharded, up to the most any rank has (each
+    forward/backward is a collective); unsharded (DDP), one where a rank has none, to join the all-reduce."""
+    if acc.num_processes == 1:
+        return 0
+    if not sharded:
+        return int(n_batches == 0)
+    counts = acc.gather(torch.tensor([n_batches], device=acc.device))
+    return int(counts.max()) - n_batches
+
+
+def accumulating(acc, model, last: bool):
+    """The context of one micro-batch's backward: DDP syncs on the last only; FSDP2 reduce-scatters every
+    backward (ranks run the same number of them), keeping gradients sharded."""
+    if last or is_sharded(model):
+        return contextlib.nullcontext()
+    return acc.no_sync(model)
