@@ -137,7 +137,7 @@ def _option(name: str, key: str, value: str, kind: type):
 
 
 def builtin_rows(spec: str, split: str | None = None) -> list[dict]:
-    """Rows of a builtin: "tiny_arith:test", optionally "?n=300&seed=1&max_ops=2" (ArithConfig fields).
+    """Rows of a builtin: "tiny_arith:test", optionally "?n=300&seed=1&max_ops=2&chain=rewrite" (ArithConfig fields).
 
     tiny_arith: the task (train/dev/test); tiny_cold_start: mixed-quality SFT rows (train only,
     ?terse_fraction=); tiny_general: non-reasoning rows; tiny_align: stage-4 mix (?general_fraction=).

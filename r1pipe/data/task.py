@@ -1,7 +1,8 @@
 """The embedded verifiable task: seeded multi-step integer arithmetic ("3+4*5-2"), answer in \\boxed{}.
 
 Rows are {"prompt", "solution", "cot", "id", "difficulty", "kind"}; `cot` is a correct step-by-step
-chain (`<think>4*5=20\\n3+20=23\\n23-2=21</think>\\boxed{21}`) for cold-start SFT. Splits are fixed by a
+chain for cold-start SFT, one line per operation: `<think>4*5=20\\n3+20=23\\n23-2=21</think>\\boxed{21}`
+(ArithConfig.chain="steps") or `<think>3+20-2\\n23-2\\n21</think>\\boxed{21}` ("rewrite"). Splits are fixed by a
 hash of the canonical expression, so train, dev and test can never share a problem whatever their sizes.
 Also: "general" (non-reasoning) rows for the stage-3 mixture and the stage-4 alignment prompt mix.
 Neighbours: `r1pipe.data.datasets` serves these as builtin datasets; `r1pipe.rewards` scores them.
@@ -24,6 +25,7 @@ _OPS = {ast.Add: ("+", operator.add), ast.Sub: ("-", operator.sub), ast.Mult: ("
         ast.FloorDiv: ("/", operator.floordiv)}
 # Consecutive draws without a new valid problem after which the problem space counts as exhausted.
 _GIVE_UP_AFTER_MISSES = 20_000
+CHAIN_FORMATS = ("steps", "rewrite")
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,10 @@ class ArithConfig:
     paren_prob: float = 0.0  # chance of one non-redundant parenthesised group
     max_value: int = 30  # every intermediate result must satisfy |v| <= max_value
     allow_negative: bool = False  # allow negative intermediate results
+    # How the chain of thought is written, one line per operation: "steps" writes the operation alone
+    # ("4*5=20"), "rewrite" writes the whole expression with that operation done ("3+20-2"), so the
+    # state the next step needs is on the page instead of held in the model's head.
+    chain: str = "steps"
 
     def __post_init__(self):
         if not 1 <= self.min_ops <= self.max_ops:
@@ -53,6 +59,8 @@ class ArithConfig:
             raise ValueError("ArithConfig.max_operand and max_value must be >= 1")
         if not 0.0 <= self.paren_prob <= 1.0:
             raise ValueError(f"ArithConfig.paren_prob must be in [0, 1], got {self.paren_prob}")
+        if self.chain not in CHAIN_FORMATS:
+            raise ValueError(f"ArithConfig.chain must be one of {', '.join(CHAIN_FORMATS)}, got {self.chain!r}")
 
 
 def split_of(canonical: str) -> str:
@@ -102,14 +110,37 @@ def solve_steps(expr: str) -> list[tuple[int, str, int, int]]:
     return steps
 
 
+def rewrite_states(expr: str) -> list[str]:
+    """The expression after each operation of `solve_steps`, in the same order, minimal parentheses:
+    "3+4*5-2" -> ["3+20-2", "23-2", "21"]. The last state is the answer."""
+    def reduce_one(node: ast.AST) -> tuple[ast.AST, bool]:
+        # Post-order, like solve_steps: the first operation whose operands are both numbers goes first.
+        if isinstance(node, ast.Constant):
+            return node, False
+        for side in ("left", "right"):
+            child, done = reduce_one(getattr(node, side))
+            if done:
+                return ast.BinOp(**{"left": node.left, "op": node.op, "right": node.right, side: child}), True
+        value = _OPS[type(node.op)][1](node.left.value, node.right.value)
+        return ast.Constant(value), True
+
+    tree = ast.parse(expr.replace("/", "//"), mode="eval").body
+    states = []
+    for _ in solve_steps(expr):  # validates the expression and fixes the number of states
+        tree, _ = reduce_one(tree)
+        states.append(ast.unparse(tree).replace(" ", "").replace("//", "/"))
+    return states
+
+
 def canonical(expr: str) -> str:
     """Minimal-parentheses spelling, so "(3*4)+5" and "3*4+5" are one problem."""
     return ast.unparse(ast.parse(expr.replace("/", "//"), mode="eval")).replace(" ", "").replace("//", "/")
 
 
-def cot_text(steps: list[tuple[int, str, int, int]]) -> str:
-    """The cold-start chain of thought: one `a op b=c` line per step, then the boxed answer."""
-    lines = "\n".join(f"{a}{op}{b}={c}" for a, op, b, c in steps)
+def cot_text(steps: list[tuple[int, str, int, int]], rewritten: list[str] | None = None) -> str:
+    """The cold-start chain of thought, one line per step, then the boxed answer: `a op b=c` lines, or
+    the `rewritten` expression states (the "rewrite" chain) when given."""
+    lines = "\n".join(rewritten if rewritten is not None else (f"{a}{op}{b}={c}" for a, op, b, c in steps))
     return f"<think>{lines}</think>\\boxed{{{steps[-1][3]}}}"
 
 
@@ -141,16 +172,17 @@ def _arith_row_or_none(expr: str, cfg: ArithConfig) -> dict | None:
     for *_, value in steps:
         if abs(value) > cfg.max_value or (value < 0 and not cfg.allow_negative):
             return None
-    return _row_from_steps(expr, steps)
+    return _row_from_steps(expr, steps, cfg.chain)
 
 
-def arith_row(expr: str) -> dict:
+def arith_row(expr: str, chain: str = "steps") -> dict:
     """The row for one expression (also used by tests and by anyone with a hand-written problem)."""
-    return _row_from_steps(canonical(expr), solve_steps(expr))
+    return _row_from_steps(canonical(expr), solve_steps(expr), chain)
 
 
-def _row_from_steps(canon: str, steps: list[tuple[int, str, int, int]]) -> dict:
-    return {"prompt": canon, "solution": str(steps[-1][3]), "cot": cot_text(steps),
+def _row_from_steps(canon: str, steps: list[tuple[int, str, int, int]], chain: str) -> dict:
+    cot = cot_text(steps, rewrite_states(canon) if chain == "rewrite" else None)
+    return {"prompt": canon, "solution": str(steps[-1][3]), "cot": cot,
             "id": _problem_id("arith", canon), "difficulty": len(steps), "kind": "reasoning"}
 
 
@@ -251,18 +283,16 @@ def base_corpus(n_docs: int, seed: int = 0, config: ArithConfig = ArithConfig(),
     format or a whole problem worked in order; that is left to cold-start SFT and RL.
     """
     rows = arith_rows(max(200, n_docs * facts_per_doc // 3), "train", seed + 2_000_029, config, fewer_ok=True)
-    facts = sorted({line for row in rows for line in _think_of(row["cot"]).split("\n")})
+    facts = sorted({f"{a}{op}{b}={c}" for row in rows for a, op, b, c in solve_steps(row["prompt"])})
     rng = random.Random(f"base:{seed}")
     return ["\n".join(rng.choice(facts) for _ in range(facts_per_doc)) for _ in range(n_docs)]
 
 
-def _think_of(cot: str) -> str:
-    return cot[len("<think>"):cot.index("</think>")]
-
-
-def terse_cot(row: dict) -> str:
-    """The short-cut chain: the whole expression answered in one line, no intermediate steps."""
-    return f"<think>{row['prompt']}={row['solution']}</think>\\boxed{{{row['solution']}}}"
+def terse_cot(row: dict, chain: str = "steps") -> str:
+    """The short-cut chain: the whole expression answered in one line, no intermediate steps
+    (`prompt=answer` in the "steps" format; just the final state, the answer, in the "rewrite" one)."""
+    line = row["solution"] if chain == "rewrite" else f"{row['prompt']}={row['solution']}"
+    return f"<think>{line}</think>\\boxed{{{row['solution']}}}"
 
 
 def cold_start_rows(n: int, seed: int = 0, config: ArithConfig = ArithConfig(), terse_fraction: float = 0.5) -> list[dict]:
@@ -276,5 +306,5 @@ def cold_start_rows(n: int, seed: int = 0, config: ArithConfig = ArithConfig(), 
         raise ValueError(f"terse_fraction must be in [0, 1], got {terse_fraction}")
     rows = arith_rows(n, "train", seed, config)
     terse = set(random.Random(f"terse:{seed}").sample(range(n), round(n * terse_fraction)))
-    return [{**row, "cot": terse_cot(row), "cot_style": "terse"} if i in terse else {**row, "cot_style": "full"}
+    return [{**row, "cot": terse_cot(row, config.chain), "cot_style": "terse"} if i in terse else {**row, "cot_style": "full"}
             for i, row in enumerate(rows)]

@@ -57,6 +57,34 @@ def test_cot_is_correct_by_independent_eval(config):
         assert max(operands) <= config.max_operand
 
 
+@pytest.mark.parametrize("config", CONFIGS)
+def test_rewrite_chain_does_one_operation_per_line(config):
+    """chain="rewrite": line i is the expression with i operations done, in solve_steps' order; the
+    value never changes, each line has one operator fewer, the last line is the answer."""
+    config = task.ArithConfig(**{**config.__dict__, "chain": "rewrite"})
+    n_ops = lambda text: len(re.findall(r"(?<=[\d)])[-+*/]", text))  # binary operators, not signs
+    for row in task.arith_rows(300, "train", 5, config):
+        m = BOXED.match(row["cot"])
+        assert m and m.group(2) == row["solution"], row
+        lines = m.group(1).split("\n")
+        assert len(lines) == row["difficulty"] and lines[-1] == row["solution"]
+        value = eval(row["prompt"], {"__builtins__": {}})
+        previous = row["prompt"]
+        for line, (_, _, _, result) in zip(lines, task.solve_steps(row["prompt"])):
+            assert eval(line, {"__builtins__": {}}) == value, (row["prompt"], line)
+            assert n_ops(line) == n_ops(previous) - 1, (previous, line)
+            assert str(result) in line  # the result of this step's operation is written into the line
+            previous = line
+    # the same problems and splits as the "steps" chain: only the cot column differs
+    plain = task.arith_rows(50, "dev", 1, task.ArithConfig(**{**config.__dict__, "chain": "steps"}))
+    rewrite = task.arith_rows(50, "dev", 1, config)
+    assert [r["prompt"] for r in plain] == [r["prompt"] for r in rewrite]
+    assert task.rewrite_states("3+4*5-2") == ["3+20-2", "23-2", "21"]
+    assert task.rewrite_states("(2+3)*4") == ["5*4", "20"]
+    with pytest.raises(ValueError, match="chain"):
+        task.ArithConfig(chain="tree")
+
+
 def test_math_verify_reads_the_boxed_answer():
     from math_verify import parse, verify
 
@@ -112,17 +140,19 @@ def test_bad_knobs_and_exhausted_space_name_the_fix():
         task.solve_steps("7/2")
 
 
-def test_cold_start_rows_mix_terse_and_full_chains_all_correct():
-    rows = task.cold_start_rows(200, seed=4, terse_fraction=0.3)
-    assert rows == task.cold_start_rows(200, seed=4, terse_fraction=0.3)
+@pytest.mark.parametrize("chain", task.CHAIN_FORMATS)
+def test_cold_start_rows_mix_terse_and_full_chains_all_correct(chain):
+    config = task.ArithConfig(chain=chain)
+    rows = task.cold_start_rows(200, seed=4, config=config, terse_fraction=0.3)
+    assert rows == task.cold_start_rows(200, seed=4, config=config, terse_fraction=0.3)
     styles = [r["cot_style"] for r in rows]
     assert styles.count("terse") == 60 and styles.count("full") == 140
-    full = {r["prompt"]: r for r in task.arith_rows(200, "train", 4)}
+    full = {r["prompt"]: r for r in task.arith_rows(200, "train", 4, config)}
     for row in rows:
         m = BOXED.match(row["cot"])
         assert m and m.group(2) == row["solution"] and float(row["solution"]) == eval(row["prompt"])
-        if row["cot_style"] == "terse":
-            assert m.group(1) == f"{row['prompt']}={row['solution']}"
+        if row["cot_style"] == "terse":  # one line: the whole expression at once, or only its final state
+            assert m.group(1) == (row["solution"] if chain == "rewrite" else f"{row['prompt']}={row['solution']}")
         else:
             assert row["cot"] == full[row["prompt"]]["cot"]
     test_prompts = {r["prompt"] for r in task.arith_rows(500, "test", 0)}
