@@ -117,6 +117,9 @@ def r1pipe_step_fn(args, policy, prompts, completions, advantages):
 
     recipe = Recipe()
     recipe.grpo.num_generations, recipe.grpo.beta, recipe.grpo.loss_type = args.group, 0.001, args.loss_type
+    # TRL's step with vLLM computes old log-probs for its importance-sampling correction (cap 2); the same
+    # here (without TIS and with mu = 1 r1pipe takes pi_old from the training forward: one forward fewer)
+    recipe.grpo.tis_cap = 2.0
     recipe.rollout.max_tokens = max(len(c) for c in completions)
     recipe.train.micro_batch_tokens = args.micro_tokens
     acc = Accelerator()
@@ -126,7 +129,7 @@ def r1pipe_step_fn(args, policy, prompts, completions, advantages):
                   rows=[], prompt_ids=[])
     batches = pack_sequences(prompts, completions, args.micro_tokens)
     kept = list(range(len(prompts)))
-    rollouts = SimpleNamespace(logprobs=[[-1.0] * len(c) for c in completions])
+    rollouts = SimpleNamespace(logprobs=None)  # the sampler's log-probs: set below to the policy's own
     truncated = torch.zeros(len(prompts), dtype=torch.bool)
     n_tokens = sum(len(c) for c in completions)
 
@@ -145,6 +148,10 @@ def r1pipe_step_fn(args, policy, prompts, completions, advantages):
                     per_seq[i] = lp[row, : len(completions[i])]
         return torch.cat([per_seq[i] for i in range(len(completions))]).float()
 
+    # as if the rollout engine's log-probs matched the trainer's: the first step's IS weights are exactly 1
+    flat, lengths = old_logps().tolist(), [len(c) for c in completions]
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    rollouts.logprobs = [flat[s:s + n] for s, n in zip(starts, lengths)]
     return step, old_logps, len(batches)
 
 
