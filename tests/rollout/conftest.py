@@ -1,7 +1,9 @@
 """Fixtures for the rollout tests: a tiny DeepSeek-V3 checkpoint on disk in the published layout.
 
-`build_tiny_checkpoint` is the one place that makes the model; swap it for `r1pipe.model`'s tiny
-factory once that lands. The vLLM engine fixture lives in the test module (one engine per module).
+`build_tiny_checkpoint` makes it with transformers' own DeepseekV3ForCausalLM and save_pretrained, not
+with r1pipe's tiny factory and writer, on purpose: what the rollout tests load into vLLM is then a
+checkpoint no r1pipe code wrote, so they test the engine and the weight sync, not our own round trip.
+The vLLM engine fixture lives in the test module (one engine per module).
 """
 
 from __future__ import annotations
