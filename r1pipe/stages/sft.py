@@ -90,7 +90,7 @@ def run(recipe, resume: bool = False, max_steps: int | None = None) -> Path:
     prompt_ids = [format_prompt(tok, r["prompt"]) for r in rows]
     response_ids = [tok(response_of(r, f"{recipe.data.train} row {i}"), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
                     for i, r in enumerate(rows)]
-    consecutive_bad = 0
+    consecutive_bad = session.resumed_state.get("bad_steps", 0)  # a resume goes on counting
     for step in range(session.start_step, session.total_steps):
         session.wrapped.train()
         metrics = sft_step(session, rows, prompt_ids, response_ids, step)
@@ -99,5 +99,5 @@ def run(recipe, resume: bool = False, max_steps: int | None = None) -> Path:
             raise RuntimeError(f"SFT loss or gradient was NaN/inf for {consecutive_bad} steps in a row "
                                f"(train.max_bad_steps={recipe.train.max_bad_steps}); lower optim.lr or check the data")
         session.logger.log(step + 1, metrics)
-        session.maybe_save(step + 1)
-    return session.finish()
+        session.maybe_save(step + 1, stage_state={"bad_steps": consecutive_bad})
+    return session.finish(stage_state={"bad_steps": consecutive_bad})

@@ -96,3 +96,18 @@ def test_sft_absurd_lr_skips_then_aborts(tmp_path):
     rows = _metrics(tmp_path / "sft_nan")
     assert [r["skipped_nonfinite"] for r in rows] == [0.0, 1.0]
     assert rows[0]["loss"] > 0 and rows[1]["loss"] is None
+
+
+def test_sft_bad_step_count_survives_resume(tmp_path):
+    """Steps 2 and 3 are NaN (lr 1e30 after step 1) and step 3 is checkpointed; resumed, NaN step 4 is the
+    third in a row and max_bad_steps=3 aborts there. A resume that forgot the count would finish step 5."""
+    from r1pipe.train import main
+
+    recipe = sft_recipe(tmp_path, "sft_nan_resume", optim={"lr": 1.0e30},
+                        train={"max_steps": 5, "max_bad_steps": 3, "epochs": 5.0, "save_every": 3})
+    main([str(recipe), "--max-steps", "3"])
+    checkpoint = tmp_path / "sft_nan_resume" / "checkpoints" / "step-3"
+    assert torch.load(checkpoint / "trainer_state.pt", weights_only=False)["stage_state"]["bad_steps"] == 2
+    with pytest.raises(RuntimeError, match=r"3 steps in a row.*train\.max_bad_steps=3"):
+        main([str(recipe), "--resume"])
+    assert [r["skipped_nonfinite"] for r in _metrics(tmp_path / "sft_nan_resume")] == [0.0, 1.0, 1.0]
