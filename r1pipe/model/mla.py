@@ -121,6 +121,11 @@ def build_attention_mask(
     return mask[:, None]
 
 
+# Decode one token against the cache in latent space (below); False expands keys and values per step
+# instead (the reference path the tests compare it with).
+ABSORB_DECODE = True
+
+
 class MultiHeadLatentAttention(nn.Module):
     """MLA block; parameter names are the checkpoint's (`q_a_proj`, `kv_a_proj_with_mqa`, `kv_b_proj`, ...).
 
@@ -160,6 +165,8 @@ class MultiHeadLatentAttention(nn.Module):
         q_rope = apply_rope_interleaved(q_rope, cos, sin)
         if cache is not None:
             latent, k_rope = cache.update(self.layer_idx, latent, k_rope)
+            if t == 1 and ABSORB_DECODE:
+                return self.o_proj(self._absorbed_decode(q_nope, q_rope, latent, k_rope, attn_mask).reshape(b, 1, -1))
         s = latent.shape[2]
         kv = self.kv_b_proj(latent).view(b, s, self.num_heads, -1).transpose(1, 2)
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
@@ -170,3 +177,18 @@ class MultiHeadLatentAttention(nn.Module):
         is_causal = attn_mask is None and t > 1  # build_attention_mask returns None only for plain causal
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+    def _absorbed_decode(self, q_nope, q_rope, latent, k_rope, attn_mask) -> torch.Tensor:
+        """Attention of one new token per row without expanding the cache: kv_b_proj's key half is folded
+        into the query (q^C W_UK, d_c wide) and its value half applied after the weighted sum over c^KV, so a
+        step costs O(S * d_c) per head instead of re-projecting all S cached latents (DeepSeek-V2 §2.1.3).
+        q_nope [B,H,1,dn], q_rope [B,H,1,dr], latent [B,1,S,d_c], k_rope [B,1,S,dr] -> [B,1,H,dv]."""
+        w = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        w_uk, w_uv = w.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
+        q_latent = torch.einsum("bhtd,hdc->bhtc", q_nope, w_uk)
+        scores = (q_latent @ latent.transpose(-1, -2) + q_rope @ k_rope.transpose(-1, -2)).float() * self.scale
+        if attn_mask is not None:
+            scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+        probs = scores.softmax(-1).to(latent.dtype)
+        out_latent = probs @ latent  # [B,H,1,d_c]
+        return torch.einsum("bhtc,hvc->bthv", out_latent, w_uv)

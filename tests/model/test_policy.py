@@ -108,3 +108,25 @@ def test_save_is_atomic_and_roundtrips(tmp_path, policy):
     again = DeepSeekPolicy.from_pretrained(target)
     for (k, a), (_, b) in zip(policy.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), k
+
+
+def test_absorbed_latent_decode_equals_expanded_keys(policy, monkeypatch):
+    """The decode step in latent space (kv_b_proj folded into query and output) against expanding every
+    cached latent into per-head keys and values: the same logits, step by step, with left padding."""
+    from r1pipe.model import mla
+
+    ids = torch.randint(3, 128, (3, 10))
+    mask = torch.ones_like(ids)
+    mask[2, :3] = 0
+
+    def decode(absorb: bool) -> torch.Tensor:
+        monkeypatch.setattr(mla, "ABSORB_DECODE", absorb)
+        cache = LatentCache(policy.config.num_hidden_layers)
+        with torch.no_grad():
+            policy(ids[:, :4], attention_mask=mask[:, :4], cache=cache)
+            return torch.cat([policy(ids[:, t : t + 1], attention_mask=mask[:, t : t + 1], cache=cache).logits
+                              for t in range(4, 10)], dim=1)
+
+    absorbed, expanded = decode(True), decode(False)
+    assert expanded.abs().max() > 0.1  # logits of a real model, not zeros
+    assert (absorbed - expanded).abs().max().item() <= 1e-5
