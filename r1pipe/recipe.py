@@ -45,12 +45,18 @@ class DataSection:
 
 @dataclass
 class RolloutSection:
-    engine: Literal["vllm", "torch"] = "vllm"
+    # vllm: colocated in the trainer; vllm_server: a `vllm serve` process (started here, or at server_url)
+    engine: Literal["vllm", "vllm_server", "torch"] = "vllm"
+    server_url: str | None = None  # vllm_server: http://HOST:PORT of a running server on this host
     temperature: float = 1.0  # R1
     top_p: float = 1.0
     max_tokens: int = 32768
     gpu_memory_utilization: float = 0.3
     max_model_len: int | None = None
+
+    def __post_init__(self):
+        if self.server_url is not None and self.engine != "vllm_server":
+            raise RecipeError(f"server_url is set but engine={self.engine!r}; set engine: vllm_server to use it")
 
 
 @dataclass

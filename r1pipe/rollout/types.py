@@ -31,6 +31,19 @@ def sample_seed(seed: int, prompt_index: int, sample_index: int) -> int:
     return h >> 1
 
 
+def sample_requests(
+    num_prompts: int, n: int, seed: int, seed_prompt_index: list[int] | None = None
+) -> tuple[list[int], list[int], list[int]]:
+    """(prompt_index, sample_index, seeds) of the n samples of each prompt, prompt-major: one seeded
+    request each. `seed_prompt_index[i]` (default i) seeds prompt i: a data-parallel rank passes each
+    prompt's place in the whole step, so the ranks together sample what one process would."""
+    where = list(range(num_prompts)) if seed_prompt_index is None else list(seed_prompt_index)
+    prompt_index = [i for i in range(num_prompts) for _ in range(n)]
+    sample_index = [j for _ in range(num_prompts) for j in range(n)]
+    seeds = [sample_seed(seed, where[i], j) for i, j in zip(prompt_index, sample_index)]
+    return prompt_index, sample_index, seeds
+
+
 @dataclass
 class Rollouts:
     """G completions for each of P prompts, flattened prompt-major: sample k belongs to prompt

@@ -133,6 +133,20 @@ def plan_buckets(
     return buckets
 
 
+class SyncPlan:
+    """What an engine expects from a sync: the checkpoint keys it loaded, less a tied lm_head."""
+
+    def __init__(self, model_dir: str | Path, hf_config):
+        self.expected = checkpoint_keys(model_dir, hf_config.num_hidden_layers)
+        # A tied lm_head is the embedding: the checkpoint has no key for it and vLLM shares the tensor.
+        self.tied_lm_head = bool(getattr(hf_config, "tie_word_embeddings", False))
+
+    def buckets(self, named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int):
+        if self.tied_lm_head:
+            named_tensors = ((k, t) for k, t in named_tensors if k != "lm_head.weight")
+        return plan_buckets(named_tensors, self.expected, bucket_bytes)
+
+
 def _group_order(name: str) -> tuple[int, str]:
     m = _LAYER.match(name + ".")
     return (int(m.group(1)) if m else -1, name)

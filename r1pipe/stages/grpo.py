@@ -289,13 +289,25 @@ def make_engine(recipe, policy, tokenizer, out_dir: Path, rank: int = 0):
         from r1pipe.rollout.torch_engine import TorchRolloutEngine
 
         return TorchRolloutEngine(policy, pad_token_id=tokenizer.pad_token_id or 0, own_weights=sharded)
-    from r1pipe.rollout.vllm_engine import VLLMRolloutEngine
-
     # one snapshot per rank: ranks start their engines at the same time
     snapshot = policy.save_pretrained(out_dir / f"rollout_snapshot-rank{rank}", tokenizer=tokenizer)
     max_len = recipe.rollout.max_model_len or min(policy.config.max_position_embeddings, 4096)
-    return VLLMRolloutEngine(snapshot, max_model_len=max_len, gpu_memory_utilization=recipe.rollout.gpu_memory_utilization,
-                             seed=recipe.train.seed)
+    settings = dict(max_model_len=max_len, gpu_memory_utilization=recipe.rollout.gpu_memory_utilization,
+                    seed=recipe.train.seed)
+    if recipe.rollout.engine == "vllm":
+        from r1pipe.rollout.vllm_engine import VLLMRolloutEngine
+
+        return VLLMRolloutEngine(snapshot, **settings)
+    from r1pipe.rollout.vllm_server import VLLMServerEngine
+
+    url = recipe.rollout.server_url
+    if url is not None and rank > 0:
+        raise ValueError("rollout.server_url with several processes: every rank would push its weights into one "
+                         "server; leave server_url unset (each rank starts its own) or train with one process")
+    engine = VLLMServerEngine(snapshot, server_url=url, **settings)
+    if url is not None:  # a running server holds whatever it was started on: give it the policy's weights
+        engine.sync_weights(rollout_weights(policy))
+    return engine
 
 
 def run(recipe, resume: bool = False, max_steps: int | None = None) -> Path:
@@ -332,4 +344,5 @@ def run(recipe, resume: bool = False, max_steps: int | None = None) -> Path:
             session.maybe_save(step + 1, reference, stage_state=state.stage_state())
     finally:
         rewards.close()
+        getattr(engine, "close", lambda: None)()  # stops a `vllm serve` process the engine started
     return session.finish(reference, stage_state=state.stage_state())
