@@ -20,7 +20,7 @@ from r1pipe.rollout.types import logprob_mismatch
 from r1pipe.training.lora import base_reference, is_lora, rollout_weights
 from r1pipe.stages.grpo_sampling import all_sum, sample_stats, sample_step
 from r1pipe.training.fsdp import accumulating, clip_grad_norm, is_sharded, placeholder_count, unsharded_copy
-from r1pipe.training.packing import pack_sequences, placeholder_batch
+from r1pipe.training.packing import pack_sequences, placeholder_batch, placeholder_loss
 from r1pipe.training.setup import frozen_reference
 from r1pipe.training.stats import Max, Mean, Min, Sum, gather_over_ranks, merge_stats, reduce_stats
 
@@ -170,7 +170,7 @@ def update_policy(run: GRPORun, batches, kept, advantages, rollouts, truncated, 
                 acc.backward(loss)
                 loss_sum += loss.detach()
         for _ in range(pads):  # other ranks have more micro-batches: join their all-reduce (DDP: only a rank
-            acc.backward(_zero_loss(policy, run.tokenizer, device))  # without any) or their FSDP2 collectives
+            acc.backward(placeholder_loss(policy, run.tokenizer.pad_token_id or 0, device))  # without any) or their FSDP2 collectives
         grad_norm = clip_grad_norm(acc, policy.parameters(), rc.optim.max_grad_norm)
         # one rank's non-finite loss skips the step on every rank, or their weights would part
         nonfinite = all_sum(acc, int(local_nonfinite)) > 0
@@ -246,11 +246,6 @@ def _placeholder_forwards(run, device, policy: bool, reference: bool) -> None:
         model(b.input_ids, position_ids=b.position_ids, targets=b.targets)
 
 
-def _zero_loss(policy, tokenizer, device) -> torch.Tensor:
-    b = placeholder_batch(tokenizer.pad_token_id or 0).to(device)
-    return policy(b.input_ids, position_ids=b.position_ids, targets=b.targets).sum() * 0.0
-
-
 def _add_loads(run):
     loads = run.model.expert_loads()
     if loads.numel():
@@ -301,9 +296,6 @@ def make_engine(recipe, policy, tokenizer, out_dir: Path, rank: int = 0):
     from r1pipe.rollout.vllm_server import VLLMServerEngine
 
     url = recipe.rollout.server_url
-    if url is not None and rank > 0:
-        raise ValueError("rollout.server_url with several processes: every rank would push its weights into one "
-                         "server; leave server_url unset (each rank starts its own) or train with one process")
     engine = VLLMServerEngine(snapshot, server_url=url, **settings)
     if url is not None:  # a running server holds whatever it was started on: give it the policy's weights
         engine.sync_weights(rollout_weights(policy))
@@ -322,6 +314,9 @@ def run(recipe, resume: bool = False, max_steps: int | None = None) -> Path:
     if rc.train.prompts_per_step < acc.num_processes:
         raise ValueError(f"train.prompts_per_step={rc.train.prompts_per_step} is smaller than the {acc.num_processes} "
                          "processes: prompts are sharded by rank, so every rank needs at least one a step")
+    if rc.rollout.server_url is not None and acc.num_processes > 1:
+        raise ValueError("rollout.server_url with several processes: every rank would push its weights into one "
+                         "server; leave server_url unset (each rank starts its own) or train with one process")
     reference = None
     if rc.grpo.beta and is_lora(policy):  # the base with adapters off: no second model in memory
         reference = base_reference(policy, rc.grpo.ref_reset_every)

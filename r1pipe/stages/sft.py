@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from r1pipe.training.fsdp import accumulating, clip_grad_norm, placeholder_count
-from r1pipe.training.packing import pack_sequences, placeholder_batch
+from r1pipe.training.packing import pack_sequences, placeholder_loss
 from r1pipe.training.state import select_rows
 
 
@@ -48,8 +48,7 @@ def sft_step(session, rows, prompt_ids, response_ids, step: int) -> dict:
     # a rank without rows joins the others' all-reduce with zeros (DDP); FSDP2: as many forwards and
     # backwards as the rank with the most micro-batches (each is a collective)
     for _ in range(pads):
-        b = placeholder_batch(session.tokenizer.pad_token_id or 0).to(acc.device)
-        acc.backward(wrapped(b.input_ids, position_ids=b.position_ids, targets=b.targets).sum() * 0.0)
+        acc.backward(placeholder_loss(wrapped, session.tokenizer.pad_token_id or 0, acc.device))
     if loads is None and acc.num_processes > 1:
         loads = session.policy.expert_loads() * 0  # and the expert-load all-reduce below
     grad_norm = clip_grad_norm(acc, wrapped.parameters(), rc.optim.max_grad_norm)

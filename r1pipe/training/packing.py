@@ -88,3 +88,10 @@ def placeholder_batch(pad_token_id: int = 0) -> PackedBatch:
     """One token predicting one token: what a data-parallel rank without sequences runs forward and
     backward (times 0), so it still joins the gradient all-reduce the other ranks start."""
     return pack_sequences([[pad_token_id]], [[pad_token_id]], 2)[0]
+
+
+def placeholder_loss(model, pad_token_id: int, device) -> torch.Tensor:
+    """A zero loss through `model` on the placeholder batch: backpropagated, it joins the gradient
+    collectives (DDP all-reduce, FSDP2 reduce-scatter) of ranks that have more micro-batches."""
+    b = placeholder_batch(pad_token_id).to(device)
+    return model(b.input_ids, position_ids=b.position_ids, targets=b.targets).sum() * 0.0
