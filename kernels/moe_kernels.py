@@ -39,10 +39,29 @@ def _grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _tile_of(tile_expert_ptr, num_tiles, N, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    # this program's (M-tile, N-block) and the M-tile's expert (E for a spare tile)
-    pid_m, pid_n = _grouped_tile(tl.program_id(0), num_tiles, tl.cdiv(N, BLOCK_N), GROUP_M)
-    return pid_m, pid_n, tl.load(tile_expert_ptr + pid_m)
+def _tile_of(tile_expert_ptr, tile_start_ptr, offsets_ptr, num_tiles, E, N, BLOCK_M: tl.constexpr,
+             BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, EXPERT_GROUPS: tl.constexpr):
+    """This program's (M-tile, N-block) and the M-tile's expert (E for a spare tile).
+    EXPERT_GROUPS: the GROUP_M tiles that sweep the N-blocks together never straddle two experts, so
+    each weight tile is read from HBM once and re-read from L2 by the expert's other M-tiles while it
+    is still there (matters where one expert's weights outgrow L2, e.g. DeepSeek-V3's 58 MB gate_up)."""
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid = tl.program_id(0)
+    if EXPERT_GROUPS:
+        # the expert's programs are those of its M-tiles: first*num_n up to (first+count)*num_n
+        t = pid // num_n
+        e = tl.load(tile_expert_ptr + t)
+        e_ok = e < E
+        row0 = tl.load(offsets_ptr + e, mask=e_ok, other=0)
+        # a spare tile (returned from at once) is a group of its own: no division by zero
+        first = tl.where(e_ok, t - (tl.load(tile_start_ptr + t) - row0) // BLOCK_M, t)
+        count = tl.cdiv(tl.load(offsets_ptr + e + 1, mask=e_ok, other=1) - row0, BLOCK_M)
+        m_local, pid_n = _grouped_tile(pid - first * num_n, count, num_n, GROUP_M)
+        pid_m = first + m_local
+    else:
+        pid_m, pid_n = _grouped_tile(pid, num_tiles, num_n, GROUP_M)
+        e = tl.load(tile_expert_ptr + pid_m)
+    return pid_m, pid_n, e
 
 
 @triton.jit
@@ -112,19 +131,46 @@ def _tile_dot(a_ptrs, a_desc, a_row, row_ok, w_ptrs, w_desc, w_row, w2_rows, col
 
 
 @triton.jit
+def _tail_is_short(tile_start_ptr, offsets_ptr, pid_m, e, BLOCK_M: tl.constexpr):
+    # an expert's last M-tile holding at most BLOCK_M/2 rows: it runs as a half-height tile, so the
+    # tensor cores do not spend a full tile on padding (E=256 experts of ~256 rows each waste 26%
+    # of the work at BLOCK_M=128 otherwise)
+    return tl.load(offsets_ptr + e + 1) - tl.load(tile_start_ptr + pid_m) <= BLOCK_M // 2
+
+
+@triton.jit
 def gate_up_swiglu_kernel(
     x_ptr, w_ptr, w_desc, h_ptr, gu_ptr,
     sorted_token_ptr, tile_expert_ptr, tile_start_ptr, offsets_ptr,
     num_tiles, E, H, I,
     stride_x, stride_we, stride_wn, stride_wk,
     SAVE_GU: tl.constexpr, W_TMA: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, SPLIT_TAIL: tl.constexpr, EXPERT_GROUPS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """h[r, n] = silu(g) * u with g = x[tok[r]] . W[e, n], u = x[tok[r]] . W[e, I + n]."""
-    pid_m, pid_n, e = _tile_of(tile_expert_ptr, num_tiles, I, BLOCK_N, GROUP_M)
+    pid_m, pid_n, e = _tile_of(tile_expert_ptr, tile_start_ptr, offsets_ptr, num_tiles, E, I, BLOCK_M, BLOCK_N,
+                              GROUP_M, EXPERT_GROUPS)
     if e >= E:  # a spare tile past the data-dependent tile count
         return
+    short = False  # a static False without SPLIT_TAIL: only the full-height tile is compiled
+    if SPLIT_TAIL:
+        short = _tail_is_short(tile_start_ptr, offsets_ptr, pid_m, e, BLOCK_M)
+    if short:
+        _gate_up_tile(x_ptr, w_ptr, w_desc, h_ptr, gu_ptr, sorted_token_ptr, tile_start_ptr, offsets_ptr,
+                      pid_m, pid_n, e, H, I, stride_x, stride_we, stride_wn, stride_wk, SAVE_GU, W_TMA,
+                      EVEN_K, UPCAST, IEEE, BLOCK_M // 2, BLOCK_N, BLOCK_K)
+    else:
+        _gate_up_tile(x_ptr, w_ptr, w_desc, h_ptr, gu_ptr, sorted_token_ptr, tile_start_ptr, offsets_ptr,
+                      pid_m, pid_n, e, H, I, stride_x, stride_we, stride_wn, stride_wk, SAVE_GU, W_TMA,
+                      EVEN_K, UPCAST, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _gate_up_tile(x_ptr, w_ptr, w_desc, h_ptr, gu_ptr, sorted_token_ptr, tile_start_ptr, offsets_ptr,
+                  pid_m, pid_n, e, H, I, stride_x, stride_we, stride_wn, stride_wk,
+                  SAVE_GU: tl.constexpr, W_TMA: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
+                  IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rows, row_ok, cols, col_ok, a_ptrs, w_ptrs = _tile_operands(
         x_ptr, stride_x, w_ptr, stride_we, stride_wn, stride_wk, sorted_token_ptr, tile_start_ptr,
         offsets_ptr, pid_m, pid_n, e, I, True, BLOCK_M, BLOCK_N, BLOCK_K)
@@ -149,13 +195,34 @@ def rows_matmul_kernel(
     num_tiles, E, N, KD,
     stride_we, stride_wn, stride_wk,
     HAS_SCALE: tl.constexpr, A_TMA: tl.constexpr, W_TMA: tl.constexpr, EVEN_K: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, SPLIT_TAIL: tl.constexpr, EXPERT_GROUPS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """out[pair[r], n] = scale[pair[r]] * sum_k a[r, k] W[e, k, n]; a [TK, KD] in sorted-row order."""
-    pid_m, pid_n, e = _tile_of(tile_expert_ptr, num_tiles, N, BLOCK_N, GROUP_M)
+    pid_m, pid_n, e = _tile_of(tile_expert_ptr, tile_start_ptr, offsets_ptr, num_tiles, E, N, BLOCK_M, BLOCK_N,
+                              GROUP_M, EXPERT_GROUPS)
     if e >= E:  # a spare tile past the data-dependent tile count
         return
+    short = False  # a static False without SPLIT_TAIL: only the full-height tile is compiled
+    if SPLIT_TAIL:
+        short = _tail_is_short(tile_start_ptr, offsets_ptr, pid_m, e, BLOCK_M)
+    if short:
+        # a_desc's boxes are BLOCK_M rows high: the half tile loads its rows through pointers
+        _rows_matmul_tile(a_ptr, a_desc, w_ptr, w_desc, out_ptr, scale_ptr, sorted_pair_ptr, tile_start_ptr,
+                          offsets_ptr, pid_m, pid_n, e, N, KD, stride_we, stride_wn, stride_wk, HAS_SCALE,
+                          False, W_TMA, EVEN_K, UPCAST, IEEE, BLOCK_M // 2, BLOCK_N, BLOCK_K)
+    else:
+        _rows_matmul_tile(a_ptr, a_desc, w_ptr, w_desc, out_ptr, scale_ptr, sorted_pair_ptr, tile_start_ptr,
+                          offsets_ptr, pid_m, pid_n, e, N, KD, stride_we, stride_wn, stride_wk, HAS_SCALE,
+                          A_TMA, W_TMA, EVEN_K, UPCAST, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _rows_matmul_tile(a_ptr, a_desc, w_ptr, w_desc, out_ptr, scale_ptr, sorted_pair_ptr, tile_start_ptr,
+                      offsets_ptr, pid_m, pid_n, e, N, KD, stride_we, stride_wn, stride_wk,
+                      HAS_SCALE: tl.constexpr, A_TMA: tl.constexpr, W_TMA: tl.constexpr,
+                      EVEN_K: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rows, row_ok, cols, col_ok, a_ptrs, w_ptrs = _tile_operands(
         a_ptr, KD, w_ptr, stride_we, stride_wn, stride_wk, sorted_pair_ptr, tile_start_ptr, offsets_ptr,
         pid_m, pid_n, e, N, False, BLOCK_M, BLOCK_N, BLOCK_K)
@@ -177,13 +244,15 @@ def down_backward_kernel(
     num_tiles, E, H, I, TK,
     stride_do, stride_we, stride_wn, stride_wk,
     FUSED: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    EXPERT_GROUPS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """dA[r, n] = dout[tok[r]] . W_d[e, :, n], then with the saved pre-activations g, u:
     dw partial = sum_n dA h,  dg = w dA u silu'(g),  du = w dA silu(g),  hw = w h.
     Not FUSED: only dA is stored, into hw; swiglu_backward_kernel does the rest (fewer live
     registers in this epilogue, one more pass over [TK, I])."""
-    pid_m, pid_n, e = _tile_of(tile_expert_ptr, num_tiles, I, BLOCK_N, GROUP_M)
+    pid_m, pid_n, e = _tile_of(tile_expert_ptr, tile_start_ptr, offsets_ptr, num_tiles, E, I, BLOCK_M, BLOCK_N,
+                              GROUP_M, EXPERT_GROUPS)
     if e >= E:  # a spare tile past the data-dependent tile count
         return
     rows, row_ok, cols, col_ok, a_ptrs, w_ptrs = _tile_operands(

@@ -35,6 +35,10 @@ class TileConfig:
     num_stages: int = 3
     fused_epilogue: bool = True  # down_bwd only: SwiGLU backward in the GEMM epilogue or its own pass
     tma: bool = False  # gate_up, down, dx: TMA descriptor loads of the weight / sorted-row operand tiles
+    # gate_up, down, dx: an expert's last M-tile with at most block_m/2 rows runs at half height
+    split_tail: bool = False
+    # gate_up, down, dx, down_bwd: GROUP_M-tile groups stay inside one expert (moe_kernels._tile_of)
+    expert_groups: bool = False
 
     def launch(self) -> dict:
         return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k,
@@ -49,20 +53,28 @@ REGIMES = ((24, "tiny"), (64, "small"), (224, "medium"), (1024, "large"), (float
 
 _T = TileConfig
 # bf16/fp16 on an H100: the fastest of scripts/bench_moe.py --sweep/--explore (benchmarks/moe_h100.md;
-# tma=True: weight tiles, and the sorted rows of down/dx, load through TMA descriptors); the
-# SwiGLU backward fused into the down-backward epilogue spills registers there, hence its own pass.
+# tma=True: weight tiles, and the sorted rows of down/dx, load through TMA descriptors; split_tail:
+# an expert's last tile of <= block_m/2 rows runs at half height; expert_groups: the tiles that sweep
+# N together stay inside one expert). The SwiGLU backward fused into the down-backward epilogue
+# spills registers there, hence its own pass.
+_SPLIT_EG = dict(split_tail=True, expert_groups=True)
 _TUNED = {
-    ("gate_up", "xlarge"): _T(128, 128, 64, 8, 8, 4, tma=True), ("gate_up", "large"): _T(128, 128, 64, 8, 8, 3, tma=True),
-    ("gate_up", "medium"): _T(128, 128, 64, 8, 8, 4, tma=True), ("gate_up", "small"): _T(64, 64, 128, 8, 4, 4, tma=True),
+    ("gate_up", "xlarge"): _T(128, 128, 64, 8, 8, 4, tma=True, expert_groups=True),
+    ("gate_up", "large"): _T(128, 128, 64, 8, 8, 4, tma=True, **_SPLIT_EG),
+    ("gate_up", "medium"): _T(128, 128, 64, 8, 8, 4, tma=True, **_SPLIT_EG),
+    ("gate_up", "small"): _T(64, 64, 128, 8, 4, 4, tma=True),
     ("gate_up", "tiny"): _T(16, 64, 128, 8, 4, 4),
-    ("down", "xlarge"): _T(128, 256, 64, 8, 8, 3, tma=True), ("down", "large"): _T(128, 256, 64, 8, 8, 3, tma=True),
-    ("down", "medium"): _T(128, 256, 64, 8, 8, 4, tma=True), ("down", "small"): _T(64, 128, 64, 8, 4, 4, tma=True),
+    ("down", "xlarge"): _T(128, 256, 64, 8, 8, 3, tma=True, split_tail=True),
+    ("down", "large"): _T(128, 256, 64, 8, 8, 3, tma=True, **_SPLIT_EG),
+    ("down", "medium"): _T(128, 256, 64, 8, 8, 4, tma=True, **_SPLIT_EG),
+    ("down", "small"): _T(64, 128, 64, 8, 4, 4, tma=True),
     ("down", "tiny"): _T(16, 64, 128, 8, 4, 4),
-    ("dx", "xlarge"): _T(128, 256, 64, 8, 8, 4, tma=True), ("dx", "large"): _T(128, 256, 64, 8, 8, 4),
+    ("dx", "xlarge"): _T(128, 256, 64, 8, 8, 4, tma=True, split_tail=True),
+    ("dx", "large"): _T(128, 256, 64, 8, 8, 4, **_SPLIT_EG),
     ("dx", "medium"): _T(128, 256, 64, 8, 8, 3), ("dx", "small"): _T(32, 128, 64, 8, 4, 4),
     ("dx", "tiny"): _T(32, 128, 64, 8, 4, 4),
     ("down_bwd", "xlarge"): _T(128, 256, 64, 8, 8, 3, fused_epilogue=False),
-    ("down_bwd", "large"): _T(128, 256, 64, 8, 8, 3, fused_epilogue=False),
+    ("down_bwd", "large"): _T(128, 256, 64, 8, 8, 3, fused_epilogue=False, expert_groups=True),
     ("down_bwd", "medium"): _T(128, 256, 64, 8, 8, 3, fused_epilogue=False),
     ("down_bwd", "small"): _T(32, 128, 64, 8, 4, 4, fused_epilogue=False),
     ("down_bwd", "tiny"): _T(32, 128, 64, 8, 4, 4, fused_epilogue=False),
@@ -128,8 +140,8 @@ def gate_up_swiglu(x, gate_up_proj, r: Routing, save_gu: bool):
     K.gate_up_swiglu_kernel[grid](
         x, gate_up_proj, gate_up_proj if w_desc is None else w_desc, h, gu, r.sorted_token, tile_expert,
         tile_start, r.expert_offsets, num_tiles, E, H, I, x.stride(0), *gate_up_proj.stride(),
-        SAVE_GU=save_gu, W_TMA=w_desc is not None, EVEN_K=H % cfg.block_k == 0, **_common(x),
-        **cfg.launch())
+        SAVE_GU=save_gu, W_TMA=w_desc is not None, EVEN_K=H % cfg.block_k == 0, SPLIT_TAIL=cfg.split_tail,
+        EXPERT_GROUPS=cfg.expert_groups, **_common(x), **cfg.launch())
     return h, (gu if save_gu else None)
 
 
@@ -151,7 +163,8 @@ def rows_matmul(a, w, w_strides_enk, n: int, r: Routing, scale, kernel: str):
         scale if scale is not None else a, r.sorted_pair, tile_expert, tile_start,
         r.expert_offsets, num_tiles, E, n, kd, *w_strides_enk,
         HAS_SCALE=scale is not None, A_TMA=a_desc is not None, W_TMA=w_desc is not None,
-        EVEN_K=kd % cfg.block_k == 0, **_common(a), **cfg.launch())
+        EVEN_K=kd % cfg.block_k == 0, SPLIT_TAIL=cfg.split_tail,
+        EXPERT_GROUPS=cfg.expert_groups, **_common(a), **cfg.launch())
     return out
 
 
@@ -171,7 +184,8 @@ def down_backward(dout, down_proj, gu, topk_weights_flat, r: Routing, dgu_out):
         r.sorted_token, r.sorted_pair, tile_expert, tile_start, r.expert_offsets,
         num_tiles, E, H, I, r.num_pairs, dout.stride(0),
         down_proj.stride(0), down_proj.stride(2), down_proj.stride(1),
-        FUSED=cfg.fused_epilogue, EVEN_K=H % cfg.block_k == 0, **_common(dout), **cfg.launch())
+        FUSED=cfg.fused_epilogue, EVEN_K=H % cfg.block_k == 0, EXPERT_GROUPS=cfg.expert_groups,
+        **_common(dout), **cfg.launch())
     if cfg.fused_epilogue:
         dw = _empty(r.num_pairs, like=dout, dtype=torch.float32)
         dw[r.sorted_pair.long()] = dw_part.sum(dim=0)

@@ -8,6 +8,7 @@ float64 reference; kernels/moe_torch.py is the torch._grouped_mm peer.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import importlib.util
 import json
@@ -97,8 +98,9 @@ EXTRA_CASES = [("one_expert_most", "skewed", 333, 96, 80, 9, 4), ("wide", "balan
 
 
 def check_correctness(log) -> bool:
-    """Small shapes vs the float64 dense reference (every output element poisoned first), then the
-    V2-Lite shape vs the float64 expert loop, with torch._grouped_mm's error beside ours."""
+    """Small shapes vs the float64 dense reference, then the V2-Lite shape at three batch sizes vs the
+    float64 expert loop, with torch._grouped_mm's error beside ours (every output element of ours
+    poisoned first)."""
     ok = True
     moe_triton.POISON_OUTPUTS = True
     for case in test_moe.CASES + EXTRA_CASES:
@@ -109,21 +111,25 @@ def check_correctness(log) -> bool:
             ok &= worst <= tol
             log(f"check {case[0]:16s} {str(dtype):15s} worst rel err {worst:.2e} "
                 f"{'ok' if worst <= tol else 'FAIL'} {errs}")
+    # the V2-Lite shape at three batch sizes, so each tuned regime's tiles (split tails, expert
+    # groups, TMA boxes) meet the float64 expert loop: xlarge, large and medium
+    for T in (SHAPES["v2"]["T"], SHAPES["v2"]["T"] // 4, SHAPES["v2"]["T"] // 8):
+        x, gu, d, ids, w = make_inputs(**dict(SHAPES["v2"], T=T), seed=1)
+        go = torch.randn_like(x)
+        ref_in = [t.double().requires_grad_() for t in (x, gu, d, w)]
+        ref = moe_reference(ref_in[0], ref_in[1], ref_in[2], ids, ref_in[3])
+        ref_g = torch.autograd.grad(ref, ref_in, go.double())
+        reg = moe_triton.regime(T * SHAPES["v2"]["K"] / SHAPES["v2"]["E"])
+        for name, fn in (("ours", fused_moe_triton), ("grouped_mm", grouped_mm)):
+            ins = [t.clone().requires_grad_() for t in (x, gu, d, w)]
+            out = fn(ins[0], ins[1], ins[2], ids, ins[3])
+            g = torch.autograd.grad(out, ins, go)
+            errs = [rel(out, ref)] + [rel(a, b) for a, b in zip(g, ref_g)]
+            log(f"check V2-Lite T={T} ({reg}) bf16 {name:10s} rel err out/dx/dgate_up/ddown/dweights: "
+                + " ".join(f"{e:.2e}" for e in errs))
+            if name == "ours":
+                ok &= max(errs) <= 2e-2
     moe_triton.POISON_OUTPUTS = False
-    x, gu, d, ids, w = make_inputs(**SHAPES["v2"], seed=1)
-    go = torch.randn_like(x)
-    ref_in = [t.double().requires_grad_() for t in (x, gu, d, w)]
-    ref = moe_reference(ref_in[0], ref_in[1], ref_in[2], ids, ref_in[3])
-    ref_g = torch.autograd.grad(ref, ref_in, go.double())
-    for name, fn in (("ours", fused_moe_triton), ("grouped_mm", grouped_mm)):
-        ins = [t.clone().requires_grad_() for t in (x, gu, d, w)]
-        out = fn(ins[0], ins[1], ins[2], ids, ins[3])
-        g = torch.autograd.grad(out, ins, go)
-        errs = [rel(out, ref)] + [rel(a, b) for a, b in zip(g, ref_g)]
-        log(f"check V2-Lite bf16 {name:10s} rel err out/dx/dgate_up/ddown/dweights: "
-            + " ".join(f"{e:.2e}" for e in errs))
-        if name == "ours":
-            ok &= max(errs) <= 2e-2
     del ref_in, ref, ref_g
     torch.cuda.empty_cache()
     return ok
@@ -199,46 +205,31 @@ def sweep_plan() -> dict:
 
 
 def explore_plan() -> dict:
-    """Candidates beyond the tuned table, timed and logged only (not applied): tile shapes by batch
-    size, and TMA descriptor loads (tma=True) against plain loads."""
+    """Candidates beyond the tuned table, timed and logged only (not applied): each table config
+    with and without split_tail (an expert's last tile of <= block_m/2 rows at half height) and
+    expert_groups (GROUP_M-tile groups inside one expert), where ~256 rows per expert (V3) leave
+    half the experts a near-empty third 128-row tile. Its run is moe_h100_split_explore.log (taken
+    with the table before these flags, when gate_up "large" had num_stages=3); the TMA-vs-plain-loads
+    exploration of moe_h100_explore.log was this function at commit 7c08204."""
     v2, v3 = SHAPES["v2"], SHAPES["v3"]
-    return {
-        "tiny T=128": (dict(v2, T=128), {
-            "gate_up": [_T(16, 128, 64, 8, 4, 5), _T(16, 128, 64, 8, 4, 5, tma=True),
-                        _T(16, 64, 128, 8, 4, 4), _T(16, 64, 128, 8, 4, 4, tma=True),
-                        _T(32, 128, 64, 8, 4, 5), _T(64, 64, 128, 8, 4, 4)],
-            "down": [_T(16, 128, 64, 8, 4, 4), _T(16, 128, 64, 8, 4, 4, tma=True),
-                     _T(16, 64, 128, 8, 4, 4), _T(16, 64, 128, 8, 4, 4, tma=True),
-                     _T(16, 256, 64, 8, 4, 4, tma=True), _T(64, 128, 64, 8, 4, 4)]}),
-        "small T=512": (dict(v2, T=512), {
-            "gate_up": [_T(64, 64, 128, 8, 4, 4), _T(64, 64, 128, 8, 4, 4, tma=True),
-                        _T(64, 128, 64, 8, 4, 4), _T(64, 128, 64, 8, 4, 4, tma=True),
-                        _T(64, 64, 64, 8, 4, 6, tma=True), _T(64, 64, 128, 8, 4, 3, tma=True)],
-            "down": [_T(64, 128, 64, 8, 4, 4), _T(64, 128, 64, 8, 4, 4, tma=True), _T(64, 64, 128, 8, 4, 4),
-                     _T(64, 64, 128, 8, 4, 4, tma=True), _T(64, 256, 64, 8, 8, 3, tma=True),
-                     _T(64, 128, 128, 8, 4, 3, tma=True)]}),
-        "medium T=2048": (dict(v2, T=2048), {
-            "gate_up": [_T(128, 128, 64, 8, 8, 4), _T(128, 128, 64, 8, 8, 4, tma=True),
-                        _T(64, 128, 64, 8, 4, 4, tma=True), _T(64, 64, 128, 8, 4, 4, tma=True),
-                        _T(128, 64, 128, 8, 8, 3, tma=True), _T(128, 128, 64, 8, 8, 3, tma=True)],
-            "down": [_T(128, 256, 64, 8, 8, 3), _T(128, 256, 64, 8, 8, 3, tma=True),
-                     _T(128, 256, 64, 8, 8, 4, tma=True), _T(64, 256, 64, 8, 8, 3, tma=True),
-                     _T(128, 128, 64, 8, 8, 4, tma=True), _T(64, 128, 64, 8, 4, 4, tma=True)]}),
-        "large V3": (v3, {
-            "gate_up": [_T(128, 128, 64, 8, 8, 3), _T(128, 128, 64, 8, 8, 3, tma=True),
-                        _T(128, 128, 64, 8, 8, 4, tma=True), _T(128, 128, 64, 16, 8, 4, tma=True),
-                        _T(128, 128, 128, 8, 8, 2, tma=True)],
-            "down": [_T(128, 256, 64, 8, 8, 4), _T(128, 256, 64, 8, 8, 3, tma=True),
-                     _T(128, 256, 64, 8, 8, 4, tma=True), _T(128, 256, 128, 8, 8, 2, tma=True),
-                     _T(128, 128, 64, 8, 8, 4, tma=True)]}),
-        "xlarge V2-Lite": (v2, {
-            "gate_up": [_T(128, 128, 32, 8, 8, 5), _T(128, 128, 32, 8, 8, 5, tma=True),
-                        _T(128, 128, 64, 8, 8, 3, tma=True), _T(128, 128, 64, 8, 8, 4, tma=True)],
-            "down": [_T(128, 256, 64, 8, 8, 4), _T(128, 256, 64, 8, 8, 4, tma=True),
-                     _T(128, 256, 64, 8, 8, 3, tma=True)],
-            "dx": [_T(128, 256, 64, 8, 8, 4), _T(128, 256, 64, 8, 8, 4, tma=True),
-                   _T(128, 256, 64, 8, 8, 3, tma=True)]}),
-    }
+    plan = {}
+    for label, shape in (("medium T=2048", dict(v2, T=2048)), ("large T=4096", dict(v2, T=4096)),
+                         ("large V3", v3), ("xlarge V2-Lite", v2)):
+        rows = shape["T"] * shape["K"] / shape["E"]
+        kernels = ("gate_up", "down") if "T=" in label else ("gate_up", "down", "dx", "down_bwd")
+        per_kernel = {}
+        for kernel in kernels:
+            cfg = dataclasses.replace(moe_triton.tile_config(kernel, rows, torch.bfloat16), split_tail=False,
+                                      expert_groups=False)
+            flags = [dict(), dict(expert_groups=True)]
+            if kernel != "down_bwd":
+                flags += [dict(split_tail=True), dict(split_tail=True, expert_groups=True)]
+            if label == "large V3" and kernel == "gate_up":
+                flags += [dict(expert_groups=True, group_m=4), dict(split_tail=True, expert_groups=True, group_m=4),
+                          dict(split_tail=True, expert_groups=True, num_stages=4)]
+            per_kernel[kernel] = [dataclasses.replace(cfg, **f) for f in flags]
+        plan[label] = (shape, per_kernel)
+    return plan
 
 
 def sweep(plan: dict, log) -> dict:

@@ -136,7 +136,8 @@ def test_routing_tiles_cover_every_row_once():
 
 # each fp32/bf16 difference in the kernels shows in one run; seconds per run in the interpreter
 INTERPRET_RUNS = [("balanced", "bf16"), ("skewed", "fp32"), ("empty_experts", "bf16"),
-                  ("no_tokens", "fp32"), ("no_tokens", "bf16"), ("fused_epilogue", "bf16"), ("tma", "bf16")]
+                  ("no_tokens", "fp32"), ("no_tokens", "bf16"), ("fused_epilogue", "bf16"), ("tma", "bf16"),
+                  ("split_tail", "bf16"), ("split_tail", "fp32")]
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +155,11 @@ def test_triton_kernels_match_float64(interpreter_results, name, dtype):
     tol = TOL_INTERPRET[torch.float32 if dtype == "fp32" else torch.bfloat16]
     for key in ("out",) + GRADS:
         assert errs[key] <= tol, f"{key}: {errs}"
+
+
+def test_split_tail_case_has_short_and_long_tails(interpreter_results):
+    # the split_tail runs above check both kinds of an expert's last tile only if the case has both
+    assert interpreter_results["split_tail_tails"] == ["long", "short"]
 
 
 def test_triton_second_backward_is_refused(interpreter_results):
@@ -184,13 +190,22 @@ def _interpreter_main():
     # TMA boxes of the weights and sorted rows; I < BLOCK_N and H % BLOCK_K != 0, so boxes run past
     # an expert's rows, into the next expert and past the tensor's end
     cases["tma"] = ("tma", "skewed", 23, 40, 24, 5, 3)
+    # experts whose last 32-row tile holds <= 16 rows (run at half height) and > 16 rows, with TMA
+    # boxes in the full-height tiles and pointer loads in the half-height ones; tile groups kept
+    # inside an expert (expert_groups), as in the fused_epilogue run's down-backward
+    cases["split_tail"] = ("split_tail", "skewed", 37, 40, 24, 5, 3)
     for name, dname in INTERPRET_RUNS:
         dtype = torch.float32 if dname == "fp32" else torch.bfloat16
         if name == "fused_epilogue":  # the SwiGLU backward inside the down-backward GEMM epilogue
-            cfg = moe_triton.TileConfig(16, 32, 32, group_m=2, num_warps=1, num_stages=1)
+            cfg = moe_triton.TileConfig(16, 32, 32, group_m=2, num_warps=1, num_stages=1, expert_groups=True)
             moe_triton.set_tile_configs({("down_bwd", reg): cfg for _, reg in moe_triton.REGIMES})
         if name == "tma":
             cfg = moe_triton.TileConfig(16, 32, 32, group_m=2, num_warps=1, num_stages=1, tma=True)
+            moe_triton.set_tile_configs({(k, reg): cfg for k in ("gate_up", "down", "dx")
+                                         for _, reg in moe_triton.REGIMES})
+        if name == "split_tail":
+            cfg = moe_triton.TileConfig(32, 32, 32, group_m=2, num_warps=1, num_stages=1, tma=True,
+                                        split_tail=True, expert_groups=True)
             moe_triton.set_tile_configs({(k, reg): cfg for k in ("gate_up", "down", "dx")
                                          for _, reg in moe_triton.REGIMES})
         results[f"{name}-{dname}"] = relative_errors(triton_path, cases[name], dtype, seed=11)
@@ -209,6 +224,9 @@ def _interpreter_main():
         again = triton_path(x, gate_up, down, ids, w)
     results["no_grad_same"] = bool(torch.equal(again, out_rows))
     results["routing_kernel"] = _compare_routing_kernel()
+    _, routing, T, H, I, E, K = cases["split_tail"]
+    tails = torch.bincount(make_case(routing, T, H, I, E, K, seed=11)[3].flatten(), minlength=E) % 32
+    results["split_tail_tails"] = sorted({"short" if 0 < t <= 16 else "long" for t in tails.tolist() if t})
     results["bad_ids"] = []
     for bad in (-1, 7):
         ids = torch.tensor([[0, 2], [bad, 1], [3, 4]])
