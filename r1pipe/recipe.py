@@ -74,6 +74,9 @@ class GRPOSection:
     max_refill_rounds: int = 3
     mask_truncated: bool = False
     ref_reset_every: int = 0  # copy the policy into the reference every N steps (0: never)
+    # keep the reference's decoder layers in host memory, streamed to the GPU layer by layer in its one
+    # forward a step (r1pipe.training.offload): one model copy less on the GPU for one PCIe pass a step
+    reference_offload: bool = False
     tis_cap: float | None = None  # truncated importance sampling for the vLLM/trainer mismatch
     failed_reward: Literal["zero", "drop_group"] = "zero"
     reward_timeout_s: float = 30.0
@@ -81,6 +84,8 @@ class GRPOSection:
     def __post_init__(self):
         if self.max_refill_rounds < 0:
             raise RecipeError(f"max_refill_rounds={self.max_refill_rounds}: expected 0 (no refill) or more")
+        if self.reference_offload and not self.beta:
+            raise RecipeError("reference_offload is set but beta is 0: without the KL term there is no reference model")
 
 
 @dataclass

@@ -10,6 +10,8 @@ steps after `--warmup`, each implementation in its own process (clean peak memor
 - `r1pipe`: the GRPO stage's own `update_policy` (padding-free packed micro-batches of `--micro-tokens`,
   Triton MoE and fused log-prob kernels);
 - `r1pipe-twins`: the same with `kernel_backend("torch")` (the pure-torch twins): what the kernels buy;
+- `r1pipe-offload`: `r1pipe` with `grpo.reference_offload` (the reference's layers in pinned host memory,
+  streamed to the GPU once a step); `r1pipe-lowmem`: that plus gradient checkpointing of the policy;
 - `trl`: transformers' `DeepseekV2ForCausalLM` (same weights; its default grouped_mm experts and sdpa
   attention) driven through TRL's own `_get_per_token_logps_and_entropies` / `compute_loss`, with TRL's fused
   LM head (`add_fused_lm_head`) as GRPOTrainer installs it; padded micro-batches of `--trl-micro-seqs`;
@@ -20,7 +22,8 @@ Tokens/s counts real (unpadded) prompt+completion tokens of the batch per step. 
 (5 forward-equivalents: old, ref, loss forward, backward x2) / time / 752 TFLOP/s (measured H100 bf16 peak).
 The first step's gradient norm and old log-probs are compared across implementations: the same computation.
 
-    python scripts/bench_grpo_step.py [--impls r1pipe,r1pipe-twins,trl,trl-gc,trl-liger] [--out DIR]
+    python scripts/bench_grpo_step.py [--impls r1pipe,r1pipe-twins,r1pipe-offload,r1pipe-lowmem,trl,trl-gc,trl-liger]
+                                      [--out DIR]
 """
 from __future__ import annotations
 
@@ -110,7 +113,8 @@ def r1pipe_step_fn(args, policy, prompts, completions, advantages):
     from accelerate import Accelerator
 
     from r1pipe.recipe import Recipe
-    from r1pipe.stages.grpo import GRPORun, update_policy
+    from r1pipe.stages.grpo import GRPORun, joined_reference_logprobs, update_policy
+    from r1pipe.training.offload import offload_layers
     from r1pipe.training.optim import build_optimizer
     from r1pipe.training.packing import pack_sequences
     from r1pipe.training.setup import frozen_copy
@@ -124,6 +128,14 @@ def r1pipe_step_fn(args, policy, prompts, completions, advantages):
     recipe.train.micro_batch_tokens = args.micro_tokens
     acc = Accelerator()
     reference = frozen_copy(policy)
+    offloaded = args.impl in ("r1pipe-offload", "r1pipe-lowmem")
+    if offloaded:  # the reference's layers in pinned host memory, streamed in once a step
+        offload_layers(reference, DEVICE)
+        recipe.grpo.reference_offload = True
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+    if args.impl == "r1pipe-lowmem":  # and the policy's decoder layers recomputed in backward
+        policy.gradient_checkpointing = True
     optimizer, scheduler = build_optimizer(policy.parameters(), recipe.optim, 1000)
     run = GRPORun(recipe, acc, policy, reference, SimpleNamespace(pad_token_id=0), None, None, optimizer, scheduler,
                   rows=[], prompt_ids=[])
@@ -139,19 +151,26 @@ def r1pipe_step_fn(args, policy, prompts, completions, advantages):
             policy.update_expert_bias(run.policy_loads, recipe.train.bias_update_speed)
         return metrics["grad_norm"]
 
-    def old_logps():  # [real completion tokens], sequence by sequence, before any update
-        with torch.no_grad():
-            per_seq = {}
-            for b in (b.to(DEVICE) for b in batches):
-                lp = b.unpack(policy(b.input_ids, position_ids=b.position_ids, targets=b.targets))
-                for row, i in enumerate(b.seq_index.tolist()):
-                    per_seq[i] = lp[row, : len(completions[i])]
+    def by_sequence(per_batch):  # [real completion tokens], sequence by sequence
+        per_seq = {}
+        for b, lp in zip(batches, per_batch):
+            for row, i in enumerate(b.seq_index.tolist()):
+                per_seq[i] = lp[row, : len(completions[i])]
         return torch.cat([per_seq[i] for i in range(len(completions))]).float()
+
+    def old_logps():  # before any update
+        with torch.no_grad():
+            return by_sequence([b.unpack(policy(b.input_ids, position_ids=b.position_ids, targets=b.targets))
+                                for b in (b.to(DEVICE) for b in batches)])
 
     # as if the rollout engine's log-probs matched the trainer's: the first step's IS weights are exactly 1
     flat, lengths = old_logps().tolist(), [len(c) for c in completions]
     starts = [sum(lengths[:i]) for i in range(len(lengths))]
     rollouts.logprobs = [flat[s:s + n] for s, n in zip(starts, lengths)]
+    if offloaded:  # before any update the reference is the policy: the streamed layers must give its numbers
+        with torch.no_grad():
+            ref = by_sequence(joined_reference_logprobs(reference, [b.to(DEVICE) for b in batches]))
+        step.ref_vs_policy_max_diff = (ref - torch.tensor(flat, device=ref.device)).abs().max().item()
     return step, old_logps, len(batches)
 
 
@@ -276,6 +295,8 @@ def run_one(args) -> dict:
     out = {"impl": args.impl, "step_s": sec, "tokens_per_s": tokens / sec, "mfu": flops / sec / (PEAK_TFLOPS * 1e12),
            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else 0.0, "micro_batches": n_micro,
            "first_grad_norm": first[0], "tokens": tokens}
+    if hasattr(step, "ref_vs_policy_max_diff"):
+        out["ref_vs_policy_max_diff"] = step.ref_vs_policy_max_diff
     torch.save(first[1].cpu(), Path(args.out) / f"old_logps_{args.impl}.pt")
     if args.rollout and args.impl == "r1pipe":
         out.update(rollout_tokens_per_s(args, policy, prompts))
@@ -300,7 +321,7 @@ def rollout_tokens_per_s(args, policy, prompts) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--impls", default="r1pipe,r1pipe-twins,trl,trl-gc,trl-liger")
+    ap.add_argument("--impls", default="r1pipe,r1pipe-twins,r1pipe-offload,r1pipe-lowmem,trl,trl-gc,trl-liger")
     ap.add_argument("--impl", help=argparse.SUPPRESS)
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--seqs", type=int, default=64)
@@ -354,6 +375,10 @@ def report(results, args):
         mem = f"{r['peak_gib'] / base['peak_gib']:.2f}x" if base and base["peak_gib"] else ""
         print(f"| {r['impl']} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {100 * r['mfu']:.1f}% | {r['peak_gib']:.1f} | "
               f"{r['micro_batches']} | {speed} | {mem} | {r['first_grad_norm']:.4f} | {diff} |")
+    for r in results:
+        if "ref_vs_policy_max_diff" in r:
+            print(f"{r['impl']}: offloaded reference's log-probs vs the policy's before the first update (same "
+                  f"weights): max diff {r['ref_vs_policy_max_diff']:.3f}")
     if ref and "rollout_tokens_per_s" in ref:
         print(f"\nGPU rollouts (torch engine, MLA latent cache): {ref['rollout_batch']} sequences x {args.rollout_tokens} "
               f"tokens: {ref['rollout_tokens_per_s']:,.0f} tokens/s")

@@ -20,6 +20,7 @@ from r1pipe.rollout.types import logprob_mismatch
 from r1pipe.training.lora import base_reference, is_lora, rollout_weights
 from r1pipe.stages.grpo_sampling import all_sum, sample_stats, sample_step
 from r1pipe.training.fsdp import accumulating, clip_grad_norm, is_sharded, placeholder_count, unsharded_copy
+from r1pipe.training.offload import is_offloaded, offload_layers
 from r1pipe.training.packing import pack_sequences, placeholder_batch, placeholder_loss
 from r1pipe.training.setup import frozen_reference
 from r1pipe.training.stats import Max, Mean, Min, Sum, gather_over_ranks, merge_stats, reduce_stats
@@ -104,6 +105,16 @@ def old_policy_is_training_forward(grpo_config) -> bool:
     return grpo_config.num_iterations == 1 and not grpo_config.tis_cap
 
 
+def joined_reference_logprobs(reference, batches) -> list[torch.Tensor]:
+    """pi_ref's log-probs, unpacked per micro-batch, from one forward over all the micro-batches' rows
+    joined into one packed row: an offloaded reference (grpo.reference_offload) then streams its layers
+    to the GPU once a step rather than once per micro-batch. Its no-grad activations are short-lived."""
+    joined = {name: torch.cat([getattr(b, name) for b in batches], dim=1)
+              for name in ("input_ids", "position_ids", "targets")}
+    lp = reference(joined["input_ids"], position_ids=joined["position_ids"], targets=joined["targets"])
+    return [b.unpack(part) for b, part in zip(batches, lp.split([b.num_tokens for b in batches], dim=1))]
+
+
 def update_policy(run: GRPORun, batches, kept, advantages, rollouts, truncated, n_seqs, n_tokens) -> dict:
     """mu passes over the micro-batches; returns loss/KL/clip/entropy/mismatch metrics (stats and values)."""
     rc, acc, policy = run.recipe, run.accelerator, run.policy
@@ -112,6 +123,7 @@ def update_policy(run: GRPORun, batches, kept, advantages, rollouts, truncated, 
     mu = rc.grpo.num_iterations
     run.policy_loads = None
     old_from_training = old_policy_is_training_forward(rc.grpo)
+    use_reference = run.reference is not None and bool(rc.grpo.beta)
     # FSDP2: every forward is a collective, so each rank runs as many as the rank with the most micro-batches
     pads = placeholder_count(acc, len(batches), is_sharded(policy))  # (a collective: before any forward)
     # pi_old = the sampling policy (this step's weights before any update), and pi_ref
@@ -123,11 +135,12 @@ def update_policy(run: GRPORun, batches, kept, advantages, rollouts, truncated, 
                 old.append(b.unpack(lp))
                 entropies.append(b.unpack(ent))
                 _add_loads(run)
-            if run.reference is not None and rc.grpo.beta:
+            if use_reference and not is_offloaded(run.reference):  # (FSDP2: collectives stay interleaved)
                 ref.append(b.unpack(run.reference(b.input_ids, position_ids=b.position_ids, targets=b.targets)))
+        if use_reference and is_offloaded(run.reference):
+            ref = joined_reference_logprobs(run.reference, batches)
         for _ in range(pads if is_sharded(policy) else 0):
-            _placeholder_forwards(run, device, policy=not old_from_training,
-                                  reference=run.reference is not None and bool(rc.grpo.beta))
+            _placeholder_forwards(run, device, policy=not old_from_training, reference=use_reference)
     metrics = {}
     sampler = [_sampler_logprobs(b, kept, rollouts, device) for b in batches]
     masks = [b.completion_mask * (1.0 - _truncated_rows(b, kept, truncated, rc.grpo.mask_truncated, device)) for b in batches]
@@ -323,6 +336,12 @@ def run(recipe, resume: bool = False, max_steps: int | None = None) -> Path:
     elif rc.grpo.beta:
         reference = frozen_reference(policy, session.checkpoint / "reference" if session.checkpoint is not None else None,
                                      acc.device)
+    if rc.grpo.reference_offload:
+        if is_lora(policy) or is_sharded(policy):
+            raise ValueError("grpo.reference_offload with " + ("LoRA (model.lora_rank > 0): the reference is the base "
+                             "model itself, there is no second copy to offload" if is_lora(policy) else
+                             "FSDP: the reference is already sharded over the ranks; turn one of them off"))
+        offload_layers(reference, acc.device)
     rows = load_prompt_dataset(rc.data.train).to_list()[: rc.data.limit]
     prompt_ids = [format_prompt(session.tokenizer, r["prompt"]) for r in rows]
     engine = make_engine(rc, policy, session.tokenizer, session.out_dir, acc.process_index)
