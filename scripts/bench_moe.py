@@ -208,8 +208,9 @@ def explore_plan() -> dict:
     """Candidates beyond the tuned table, timed and logged only (not applied): each table config
     with and without split_tail (an expert's last tile of <= block_m/2 rows at half height) and
     expert_groups (GROUP_M-tile groups inside one expert), where ~256 rows per expert (V3) leave
-    half the experts a near-empty third 128-row tile. Its run is moe_h100_split_explore.log (taken
-    with the table before these flags, when gate_up "large" had num_stages=3); the TMA-vs-plain-loads
+    half the experts a near-empty third 128-row tile; and at T=2048 one 256-row M-tile per expert.
+    Its runs: moe_h100_split_explore.log (before the 256-row candidates, with the table before these
+    flags, when gate_up "large" had num_stages=3) and moe_h100_m256_explore.log; the TMA-vs-plain-loads
     exploration of moe_h100_explore.log was this function at commit 7c08204."""
     v2, v3 = SHAPES["v2"], SHAPES["v3"]
     plan = {}
@@ -224,6 +225,12 @@ def explore_plan() -> dict:
             flags = [dict(), dict(expert_groups=True)]
             if kernel != "down_bwd":
                 flags += [dict(split_tail=True), dict(split_tail=True, expert_groups=True)]
+            if label == "medium T=2048":  # one M-tile per expert (~192 rows): each weight tile read once
+                n = 64 if kernel == "gate_up" else 128
+                flags += [dict(block_m=256, block_n=n, num_stages=st, expert_groups=True, group_m=1)
+                          for st in (3, 4)]
+                flags += [dict(block_m=256, block_n=n, num_stages=3, expert_groups=True, group_m=1,
+                               split_tail=True)]
             if label == "large V3" and kernel == "gate_up":
                 flags += [dict(expert_groups=True, group_m=4), dict(split_tail=True, expert_groups=True, group_m=4),
                           dict(split_tail=True, expert_groups=True, num_stages=4)]
