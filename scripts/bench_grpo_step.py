@@ -305,18 +305,33 @@ def run_one(args) -> dict:
 
 def rollout_tokens_per_s(args, policy, prompts) -> dict:
     """The torch generation path (MLA latent KV cache, batched) on the same policy: `--rollout` prompts of
-    this batch, `--rollout-tokens` new tokens each (random weights never stop early)."""
+    this batch, `--rollout-tokens` new tokens each (random weights never stop early), with the decode step
+    replayed as a CUDA graph (the engine's CUDA default) and eagerly with the growing cache, same seed."""
     from r1pipe.rollout.torch_engine import TorchRolloutEngine
 
-    engine = TorchRolloutEngine(policy)
     some = [p[:64] for p in prompts[: args.rollout]]
-    engine.generate(some, max_tokens=8)  # warm-up at the measured batch size (kernels autotune per shape)
-    sync()
-    t = time.perf_counter()
-    r = engine.generate(some, max_tokens=args.rollout_tokens, seed=1)
-    sync()
-    s = time.perf_counter() - t
-    return {"rollout_batch": len(some), "rollout_tokens_per_s": r.num_completion_tokens / s}
+    fast = "graph" if DEVICE == "cuda" else "static"  # (static: the graph's step run eagerly, the CPU smoke)
+    out, runs = {"rollout_batch": len(some), "rollout_fast_mode": fast}, {}
+    for mode in (fast, "dynamic"):
+        engine = TorchRolloutEngine(policy, decode=mode)
+        engine.generate(some, max_tokens=8)  # warm-up at the measured batch size (kernels autotune per shape)
+        sync()
+        t = time.perf_counter()
+        runs[mode] = engine.generate(some, max_tokens=args.rollout_tokens, seed=1)
+        sync()
+        out[f"rollout_tokens_per_s_{mode}"] = runs[mode].num_completion_tokens / (time.perf_counter() - t)
+    out["rollout_tokens_per_s"] = out[f"rollout_tokens_per_s_{fast}"]
+    # bf16: the graph's attention runs over the whole preallocated cache, so sums round differently and a
+    # near-tie can flip a sample; until the first differing token both paths score the same tokens
+    g, d = runs[fast], runs["dynamic"]
+    out["rollout_first_tokens_equal"] = sum(a[0] == b[0] for a, b in zip(g.completion_ids, d.completion_ids))
+    prefix = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+              for a, b in zip(g.completion_ids, d.completion_ids)]
+    out["rollout_identical_completions"] = sum(n == len(a) == len(b) for n, a, b in zip(prefix, g.completion_ids, d.completion_ids))
+    out["rollout_mean_common_prefix"] = sum(prefix) / len(prefix)
+    out["rollout_logprob_max_diff_common_prefix"] = max(
+        (abs(x - y) for n, a, b in zip(prefix, g.logprobs, d.logprobs) for x, y in zip(a[:n], b[:n])), default=0.0)
+    return out
 
 
 def main():
@@ -381,7 +396,13 @@ def report(results, args):
                   f"weights): max diff {r['ref_vs_policy_max_diff']:.3f}")
     if ref and "rollout_tokens_per_s" in ref:
         print(f"\nGPU rollouts (torch engine, MLA latent cache): {ref['rollout_batch']} sequences x {args.rollout_tokens} "
-              f"tokens: {ref['rollout_tokens_per_s']:,.0f} tokens/s")
+              f"tokens: {ref['rollout_tokens_per_s']:,.0f} tokens/s with the decode step as a CUDA graph "
+              f"({ref['rollout_fast_mode']}), "
+              f"{ref['rollout_tokens_per_s_dynamic']:,.0f} eager with the growing cache; same seed: "
+              f"{ref['rollout_first_tokens_equal']}/{ref['rollout_batch']} equal first tokens, "
+              f"{ref['rollout_identical_completions']} identical completions, mean common prefix "
+              f"{ref['rollout_mean_common_prefix']:.0f} tokens, log-probs there within "
+              f"{ref['rollout_logprob_max_diff_common_prefix']:.3f}")
 
 
 if __name__ == "__main__":

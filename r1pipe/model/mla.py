@@ -56,6 +56,59 @@ class LatentCache:
             self.key_mask = self.key_mask.index_select(0, index)
 
 
+class StaticLatentCache:
+    """A decode cache whose tensors never move or change shape, so a decode step can be captured once as a
+    CUDA graph and replayed: per layer [B,1,S_max,d] buffers written at a column held in a device tensor,
+    the valid-key mask [B,S_max], and each row's next position [B,1]; the step itself advances them.
+    Built from the LatentCache of the (dynamic-shape) prompt pass by `from_prefill`."""
+
+    static = True
+
+    def __init__(self, latent, rope_key, valid, column, positions):
+        self.latent, self.rope_key = latent, rope_key
+        self.valid = valid  # [B, S_max] bool: a real token sits there
+        self.column = column  # [1] long: where this step's token goes
+        self.positions = positions  # [B, 1] long: this step's rope position per row
+
+    @classmethod
+    def from_prefill(cls, cache: LatentCache, max_len: int) -> "StaticLatentCache":
+        batch, _, width, _ = cache.latent[0].shape
+        if max_len < width:
+            raise ValueError(f"max_len={max_len} is shorter than the prompt pass's {width} columns")
+
+        def grown(t):
+            out = t.new_zeros(batch, 1, max_len, t.shape[-1])
+            out[:, :, :width] = t
+            return out
+
+        valid = torch.zeros(batch, max_len, dtype=torch.bool, device=cache.key_mask.device)
+        valid[:, :width] = cache.key_mask
+        return cls([grown(t) for t in cache.latent], [grown(t) for t in cache.rope_key], valid,
+                   torch.tensor([width], device=valid.device), cache.key_mask.long().sum(-1, keepdim=True))
+
+    def state(self) -> tuple[torch.Tensor, ...]:
+        """What a step changes besides the written column (for undoing a warm-up step)."""
+        return self.valid.clone(), self.column.clone(), self.positions.clone()
+
+    def restore(self, state) -> None:
+        for live, saved in zip((self.valid, self.column, self.positions), state):
+            live.copy_(saved)
+
+    def begin_step(self) -> torch.Tensor:
+        """Marks this step's column valid; the [B,1,1,S_max] key mask of the step's attention."""
+        self.valid.index_fill_(1, self.column, True)
+        return self.valid[:, None, None, :]
+
+    def update(self, layer: int, latent: torch.Tensor, rope_key: torch.Tensor):
+        self.latent[layer].index_copy_(2, self.column, latent)
+        self.rope_key[layer].index_copy_(2, self.column, rope_key)
+        return self.latent[layer], self.rope_key[layer]
+
+    def end_step(self) -> None:
+        self.column.add_(1)
+        self.positions.add_(1)
+
+
 class PackedSegments:
     """Packed sequences as a padded view for attention: `index` [n, Lmax] into the flattened [B*T] tokens,
     `valid` [n, Lmax]. Attention then costs Σ len² instead of (B·T)² with a block-diagonal mask."""

@@ -127,8 +127,12 @@ class DeepSeekMoE(nn.Module):
         flat = x.reshape(-1, shape[-1])
         topk_ids, topk_weights, scores = self.gate(flat)
         with torch.no_grad():
-            ids = topk_ids if token_mask is None else topk_ids[token_mask.reshape(-1)]
-            self.last_expert_load = torch.bincount(ids.reshape(-1), minlength=self.config.n_routed_experts).float()
+            # a histogram over [-0.5, E - 0.5), masked tokens moved out of range: bincount and boolean indexing
+            # both wait for the GPU (their output size depends on the data), which a CUDA graph cannot capture
+            # and a step pays per layer; scatter_add into E counters serialises on atomics
+            ids = topk_ids if token_mask is None else topk_ids.masked_fill(~token_mask.reshape(-1, 1).bool(), -1)
+            experts = self.config.n_routed_experts
+            self.last_expert_load = torch.histc(ids.reshape(-1).float(), bins=experts, min=-0.5, max=experts - 0.5)
         out = self.experts(flat, topk_ids, topk_weights)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)

@@ -79,6 +79,8 @@ class DeepSeekPolicy(nn.Module):
         inside a row mark packed sequences (attention never crosses them). With a cache, attention_mask
         covers only the new tokens; the cache remembers the earlier ones.
         """
+        if getattr(cache, "static", False):  # one decode token per row against a StaticLatentCache
+            return self._static_decode_hidden(input_ids, cache)
         past = cache.length if cache is not None else 0
         if position_ids is None:
             position_ids = _default_positions(input_ids, attention_mask, cache)
@@ -102,6 +104,16 @@ class DeepSeekPolicy(nn.Module):
                 h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, attn_mask, None, token_mask, use_reentrant=False)
             else:
                 h = layer(h, cos, sin, attn_mask, cache, token_mask)
+        return self.model.norm(h)
+
+    def _static_decode_hidden(self, input_ids: torch.Tensor, cache) -> torch.Tensor:
+        # no host syncs and no data-dependent shapes: the whole step can be captured as a CUDA graph
+        attn_mask = cache.begin_step()
+        h = self.model.embed_tokens(input_ids)
+        cos, sin = rope_tables(self.rope_inv_freq, self.rope_attention_factor, cache.positions, h.dtype)
+        for layer in self.model.layers:
+            h = layer(h, cos, sin, attn_mask, cache, None)
+        cache.end_step()
         return self.model.norm(h)
 
     def forward(

@@ -5,6 +5,11 @@ copy (`own_weights`: an FSDP2-sharded trainer, whose forwards are collectives), 
 
 Each sample draws from its own generator seeded by `sample_seed(seed, prompt, sample)`, so a sample does
 not depend on which other samples share its batch, and a resumed step samples what the original did.
+
+Decoding (`decode`): "dynamic" grows the cache by concatenation (any device); "static" decodes against a
+preallocated StaticLatentCache; "graph" (the default on CUDA) captures that static step once per batch as
+a CUDA graph and replays it per token, so a step costs one launch instead of a few hundred small kernels
+and their Python. "static" is the same computation run eagerly: the CPU twin the tests compare.
 """
 from __future__ import annotations
 
@@ -12,16 +17,20 @@ import time
 
 import torch
 
-from r1pipe.model.mla import LatentCache
+from r1pipe.model.mla import LatentCache, StaticLatentCache
 from r1pipe.rollout.types import Rollouts, sample_seed
 
 
 class TorchRolloutEngine:
-    def __init__(self, policy, pad_token_id: int = 0, max_batch: int = 256, own_weights: bool = False):
+    def __init__(self, policy, pad_token_id: int = 0, max_batch: int = 256, own_weights: bool = False,
+                 decode: str = "auto"):
+        if decode not in ("auto", "dynamic", "static", "graph"):
+            raise ValueError(f"decode={decode!r}: expected auto, dynamic, static or graph")
         self.policy = policy
         self.own_weights = own_weights
         self.pad_token_id = pad_token_id
         self.max_batch = max_batch
+        self.decode = decode
 
     @torch.no_grad()
     def sync_weights(self, named_tensors=None) -> float:
@@ -75,6 +84,7 @@ class TorchRolloutEngine:
         out_ids = [[] for _ in prompts]
         out_lps = [[] for _ in prompts]
         logits = policy(ids, attention_mask=mask, cache=cache).logits[:, -1].float()
+        decode = self._decoder(policy, cache, width + max_tokens, device)
         for _ in range(max_tokens):
             logp = torch.log_softmax(logits, dim=-1)  # the raw distribution: what vLLM reports too
             probs = torch.softmax(logits / temperature, dim=-1) if temperature > 0 else None
@@ -96,11 +106,45 @@ class TorchRolloutEngine:
                     done[i] = tok in stop_ids
             if all(done):
                 break
-            step = step[:, None]
-            logits = policy(step, attention_mask=torch.ones_like(step), cache=cache).logits[:, -1].float()
+            logits = decode(step[:, None])
         policy.train(was_training)
         reasons = ["stop" if out_ids[i] and out_ids[i][-1] in stop_ids else "length" for i in range(len(prompts))]
         return list(zip(out_ids, out_lps, reasons))
+
+
+    def _decoder(self, policy, prefill_cache: LatentCache, max_len: int, device):
+        """tokens [B,1] -> next-token logits [B,V] (float32), one call per generated token."""
+        mode = self.decode if self.decode != "auto" else ("graph" if device.type == "cuda" else "dynamic")
+        if mode == "dynamic":
+            return lambda step: policy(step, attention_mask=torch.ones_like(step), cache=prefill_cache).logits[:, -1].float()
+        cache = StaticLatentCache.from_prefill(prefill_cache, max_len)
+        eager = lambda step: policy(step, cache=cache).logits[:, -1].float()  # noqa: E731
+        if mode == "static":
+            return eager
+        if device.type != "cuda":
+            raise ValueError("decode='graph' needs a CUDA device; use 'static' (the same step, eagerly) elsewhere")
+        tokens = torch.zeros(len(prefill_cache.key_mask), 1, dtype=torch.long, device=device)
+        before = cache.state()
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up off the capture: Triton compiles, the allocator settles
+            eager(tokens)
+        torch.cuda.current_stream(device).wait_stream(side)
+        cache.restore(before)  # the warm-up wrote the column its first replay rewrites
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = eager(tokens)
+
+        def replay(step):
+            tokens.copy_(step)
+            graph.replay()
+            return logits  # overwritten by the next replay; the caller samples from it first
+
+        # The graph holds raw addresses: the cache's buffers must live as long as it does (dropped with
+        # `eager`, their memory went to the sampling's tensors and the replays wrote into them)
+        replay.cache = cache
+
+        return replay
 
 
 def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
