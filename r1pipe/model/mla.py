@@ -238,10 +238,14 @@ class MultiHeadLatentAttention(nn.Module):
         q_nope [B,H,1,dn], q_rope [B,H,1,dr], latent [B,1,S,d_c], k_rope [B,1,S,dr] -> [B,1,H,dv]."""
         w = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         w_uk, w_uv = w.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
-        q_latent = torch.einsum("bhtd,hdc->bhtc", q_nope, w_uk)
-        scores = (q_latent @ latent.transpose(-1, -2) + q_rope @ k_rope.transpose(-1, -2)).float() * self.scale
+        q_latent = torch.einsum("bhtd,hdc->bhtc", q_nope, w_uk).squeeze(2)  # [B,H,d_c]
+        # batched [H, d] x [d, S] products: a broadcasting matmul of [B,H,1,d] with the cache's [B,1,d,S] would
+        # first copy the cache once per head (the decode step's biggest memory traffic)
+        lat, rope = latent.squeeze(1), k_rope.squeeze(1)  # [B,S,d_c], [B,S,dr]
+        scores = (torch.bmm(q_latent, lat.transpose(1, 2)) + torch.bmm(q_rope.squeeze(2), rope.transpose(1, 2)))
+        scores = scores.float().unsqueeze(2) * self.scale  # [B,H,1,S]
         if attn_mask is not None:
             scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
         probs = scores.softmax(-1).to(latent.dtype)
-        out_latent = probs @ latent  # [B,H,1,d_c]
+        out_latent = torch.bmm(probs.squeeze(2), lat).unsqueeze(2)  # [B,H,1,d_c]
         return torch.einsum("bhtc,hvc->bthv", out_latent, w_uv)
