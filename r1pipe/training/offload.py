@@ -38,7 +38,6 @@ class LayerOffload:
                 home.append((p, p.data))
             self.home.append(home)
         self.staged: dict[int, tuple[torch.cuda.Event | None, list[torch.Tensor]]] = {}
-        self.bytes_per_pass = sum(t.numel() * t.element_size() for home in self.home for _, t in home)
         self.handles = []
         for i, layer in enumerate(layers):
             self.handles.append(layer.register_forward_pre_hook(functools.partial(self._before, i)))
@@ -74,15 +73,6 @@ class LayerOffload:
     def _after(self, i: int, module, args, output) -> None:
         for p, host in self.home[i]:
             p.data = host
-
-    def remove(self) -> None:
-        """Detach the hooks and put every parameter back on `device` (for tests and hand-offs)."""
-        for h in self.handles:
-            h.remove()
-        self.staged.clear()
-        for home in self.home:
-            for p, host in home:
-                p.data = host.to(self.device)
 
 
 def offload_layers(model: nn.Module, device) -> LayerOffload:
