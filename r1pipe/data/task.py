@@ -110,9 +110,10 @@ def solve_steps(expr: str) -> list[tuple[int, str, int, int]]:
     return steps
 
 
-def rewrite_states(expr: str) -> list[str]:
+def rewrite_states(expr: str, steps: list[tuple[int, str, int, int]] | None = None) -> list[str]:
     """The expression after each operation of `solve_steps`, in the same order, minimal parentheses:
-    "3+4*5-2" -> ["3+20-2", "23-2", "21"]. The last state is the answer."""
+    "3+4*5-2" -> ["3+20-2", "23-2", "21"]. The last state is the answer. `steps`: solve_steps(expr)
+    when the caller has it already (it validates the expression and fixes the number of states)."""
     def reduce_one(node: ast.AST) -> tuple[ast.AST, bool]:
         # Post-order, like solve_steps: the first operation whose operands are both numbers goes first.
         if isinstance(node, ast.Constant):
@@ -126,7 +127,7 @@ def rewrite_states(expr: str) -> list[str]:
 
     tree = ast.parse(expr.replace("/", "//"), mode="eval").body
     states = []
-    for _ in solve_steps(expr):  # validates the expression and fixes the number of states
+    for _ in steps if steps is not None else solve_steps(expr):
         tree, _ = reduce_one(tree)
         states.append(ast.unparse(tree).replace(" ", "").replace("//", "/"))
     return states
@@ -181,7 +182,7 @@ def arith_row(expr: str, chain: str = "steps") -> dict:
 
 
 def _row_from_steps(canon: str, steps: list[tuple[int, str, int, int]], chain: str) -> dict:
-    cot = cot_text(steps, rewrite_states(canon) if chain == "rewrite" else None)
+    cot = cot_text(steps, rewrite_states(canon, steps) if chain == "rewrite" else None)
     return {"prompt": canon, "solution": str(steps[-1][3]), "cot": cot,
             "id": _problem_id("arith", canon), "difficulty": len(steps), "kind": "reasoning"}
 

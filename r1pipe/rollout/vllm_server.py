@@ -146,10 +146,7 @@ class VLLMServerEngine(SeededRequestEngine):
                       **{**sampling, "stop_token_ids": sampling["stop_token_ids"] or []})
 
         def one(k: int):
-            r = self._http.post(f"{self.url}/v1/completions", json={**common, "prompt": prompts[k], "seed": seeds[k]})
-            if r.status_code != 200:
-                raise RuntimeError(f"vLLM server {self.url}: /v1/completions answered {r.status_code}: {r.text[:500]}")
-            c = r.json()["choices"][0]
+            c = self._post("/v1/completions", {**common, "prompt": prompts[k], "seed": seeds[k]})["choices"][0]
             if c["finish_reason"] not in ("stop", "length"):
                 raise RuntimeError(f"vLLM server request {k} ended with {c['finish_reason']!r}")
             return list(c["token_ids"]), [float(x) for x in c["logprobs"]["token_logprobs"]], c["finish_reason"]
@@ -160,7 +157,9 @@ class VLLMServerEngine(SeededRequestEngine):
     def _post(self, route: str, body: dict | None = None):
         r = self._http.post(f"{self.url}{route}", json=body)
         if r.status_code != 200:
-            hint = " (is the server in dev mode, VLLM_SERVER_DEV_MODE=1?)" if r.status_code == 404 else ""
+            # the weight-sync routes exist only on a dev-mode server
+            dev_route = route in ("/collective_rpc", "/reset_prefix_cache")
+            hint = " (is the server in dev mode, VLLM_SERVER_DEV_MODE=1?)" if r.status_code == 404 and dev_route else ""
             raise RuntimeError(f"vLLM server {self.url}: {route} answered {r.status_code}{hint}: {r.text[:500]}")
         return r.json() if r.content else None
 
