@@ -130,3 +130,19 @@ def test_absorbed_latent_decode_equals_expanded_keys(policy, monkeypatch):
     absorbed, expanded = decode(True), decode(False)
     assert expanded.abs().max() > 0.1  # logits of a real model, not zeros
     assert (absorbed - expanded).abs().max().item() <= 1e-5
+
+
+def test_expert_load_counts_each_unmasked_choice_once():
+    # histc over [-0.5, E - 0.5) with masked tokens moved to -1 (no host sync, CUDA-graph safe) must count
+    # what bincount of the chosen experts of the real tokens counts
+    config = tiny_config(n_routed_experts=8, n_group=1, topk_group=1, num_experts_per_tok=2)
+    moe = DeepSeekPolicy.from_config(config, seed=0).eval().moe_layers()[0]
+    x = torch.randn(37, 64, generator=torch.Generator().manual_seed(1))
+    mask = torch.rand(37, generator=torch.Generator().manual_seed(2)) < 0.6
+    with torch.no_grad():
+        ids = moe.gate(x)[0]
+        moe(x)
+        assert torch.equal(moe.last_expert_load, torch.bincount(ids.reshape(-1), minlength=8).float())
+        moe(x, token_mask=mask)
+        assert torch.equal(moe.last_expert_load, torch.bincount(ids[mask].reshape(-1), minlength=8).float())
+    assert 0 < mask.sum() < 37 and moe.last_expert_load.sum() == 2 * mask.sum()
