@@ -72,8 +72,10 @@ def test_connect_to_running_server(server, tiny_checkpoint):
     assert client.process is None  # connected, not started
     mine, theirs = _sample(client, seed=5), _sample(server, seed=5)
     assert mine.completion_ids == theirs.completion_ids
-    for a, b in zip(mine.logprobs, theirs.logprobs):  # batch composition moves float32 sums by ~1e-6
-        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=0, atol=1e-5)
+    # concurrent requests batch differently each time: float32 sums move by ~1e-6, once seen at 1.05e-5
+    # (wrong or stale weights move them by nats)
+    for a, b in zip(mine.logprobs, theirs.logprobs):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=0, atol=5e-5)
     client.close()  # leaves a server it did not start running
     assert server.process.poll() is None
 
