@@ -2,8 +2,9 @@
 the CPU; the GPU speed-up is not measured here): `accelerate launch --config_file recipes/accelerate/fsdp2.yaml`
 with two processes of
 
-- GRPO, 2 steps, KL reference (sharded too), gradient clipping active (norm ~1.7 > 1), a token budget at
-  which rank 0 packs more micro-batches than rank 1 (rank 1 pads with placeholders), a checkpoint after step 1;
+- GRPO, 2 steps, gradient checkpointing, KL reference (sharded too), gradient clipping active (norm ~1.7
+  > 1), a token budget at which rank 0 packs more micro-batches than rank 1 (rank 1 pads with
+  placeholders), a checkpoint after step 1;
 - SFT of one row: rank 1 has no micro-batch at all;
 
 and checks that every parameter is a DTensor of which each rank holds a part (the parts add up to the whole);
@@ -36,7 +37,10 @@ def _recipes(root: Path) -> list[Path]:
     root.mkdir()
     # rank 0's prompts are 40 tokens, rank 1's 38, completions mostly 10: 98 tokens hold two of rank 1's
     # samples but one of rank 0's, which packs about twice the micro-batches
-    return [grpo_recipe(root, "grpo", train={"max_steps": 2, "micro_batch_tokens": 98, "save_every": 1}),
+    # the GRPO run recomputes its decoder layers in backward (gradient checkpointing inside the per-layer
+    # FSDP2 units: the recompute all-gathers the layer again); the SFT run does not
+    return [grpo_recipe(root, "grpo", model={"init": "tiny", "gradient_checkpointing": True},
+                        train={"max_steps": 2, "micro_batch_tokens": 98, "save_every": 1}),
             sft_recipe(root, "sft_one_row", train={"max_steps": 1, "batch_size": 1, "micro_batch_tokens": 120})]
 
 
