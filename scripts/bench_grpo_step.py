@@ -167,11 +167,12 @@ def r1pipe_step_fn(args, policy, prompts, completions, advantages):
     flat, lengths = old_logps().tolist(), [len(c) for c in completions]
     starts = [sum(lengths[:i]) for i in range(len(lengths))]
     rollouts.logprobs = [flat[s:s + n] for s, n in zip(starts, lengths)]
+    checks = {}
     if offloaded:  # before any update the reference is the policy: the streamed layers must give its numbers
         with torch.no_grad():
             ref = by_sequence(joined_reference_logprobs(reference, [b.to(DEVICE) for b in batches]))
-        step.ref_vs_policy_max_diff = (ref - torch.tensor(flat, device=ref.device)).abs().max().item()
-    return step, old_logps, len(batches)
+        checks["ref_vs_policy_max_diff"] = (ref - torch.tensor(flat, device=ref.device)).abs().max().item()
+    return step, old_logps, len(batches), checks
 
 
 # ---- TRL: GRPOTrainer's own loss path on transformers' model ----------------------------------------------
@@ -249,7 +250,7 @@ def trl_step_fn(args, policy, config, prompts, completions, advantages, impl):
             old, _, _ = trainer._get_per_token_logps_and_entropies(model, ids, attn, cw, batch_size=mb)
         return old[completion_mask.bool()].float()
 
-    return step, old_logps, n_micro
+    return step, old_logps, n_micro, {}
 
 
 # ---- one implementation per process -----------------------------------------------------------------------
@@ -262,10 +263,10 @@ def run_one(args) -> dict:
     policy, config = build_policy(args)
     prompts, completions, advantages = synthetic_rollouts(args, config.vocab_size)
     if args.impl.startswith("trl"):
-        step, old_logps, n_micro = trl_step_fn(args, policy, config, prompts, completions, advantages, args.impl)
+        step, old_logps, n_micro, checks = trl_step_fn(args, policy, config, prompts, completions, advantages, args.impl)
         backend = nullcontext()
     else:
-        step, old_logps, n_micro = r1pipe_step_fn(args, policy, prompts, completions, advantages)
+        step, old_logps, n_micro, checks = r1pipe_step_fn(args, policy, prompts, completions, advantages)
         backend = kernel_backend("torch") if args.impl == "r1pipe-twins" else nullcontext()
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -295,8 +296,7 @@ def run_one(args) -> dict:
     out = {"impl": args.impl, "step_s": sec, "tokens_per_s": tokens / sec, "mfu": flops / sec / (PEAK_TFLOPS * 1e12),
            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else 0.0, "micro_batches": n_micro,
            "first_grad_norm": first[0], "tokens": tokens}
-    if hasattr(step, "ref_vs_policy_max_diff"):
-        out["ref_vs_policy_max_diff"] = step.ref_vs_policy_max_diff
+    out.update(checks)  # numbers the implementation checked about itself (r1pipe-offload: its reference)
     torch.save(first[1].cpu(), Path(args.out) / f"old_logps_{args.impl}.pt")
     if args.rollout and args.impl == "r1pipe":
         out.update(rollout_tokens_per_s(args, policy, prompts))
