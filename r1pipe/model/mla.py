@@ -86,6 +86,12 @@ class StaticLatentCache:
         return cls([grown(t) for t in cache.latent], [grown(t) for t in cache.rope_key], valid,
                    torch.tensor([width], device=valid.device), cache.key_mask.long().sum(-1, keepdim=True))
 
+    @staticmethod
+    def bytes_needed(cache: LatentCache, max_len: int) -> int:
+        """What from_prefill(cache, max_len) allocates."""
+        per_column = sum(t.shape[0] * t.shape[-1] * t.element_size() for t in cache.latent + cache.rope_key)
+        return per_column * max_len + cache.key_mask.shape[0] * max_len
+
     def state(self) -> tuple[torch.Tensor, ...]:
         """What a step changes besides the written column (for undoing a warm-up step)."""
         return self.valid.clone(), self.column.clone(), self.positions.clone()

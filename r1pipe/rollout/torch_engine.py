@@ -9,7 +9,9 @@ not depend on which other samples share its batch, and a resumed step samples wh
 Decoding (`decode`): "dynamic" grows the cache by concatenation (any device); "static" decodes against a
 preallocated StaticLatentCache; "graph" (the default on CUDA) captures that static step once per batch as
 a CUDA graph and replays it per token, so a step costs one launch instead of a few hundred small kernels
-and their Python. "static" is the same computation run eagerly: the CPU twin the tests compare.
+and their Python. "static" is the same computation run eagerly: the CPU twin the tests compare. The static
+cache takes all max_len columns up front; "auto" decodes with the growing cache instead where that would
+take more than half of the free GPU memory (a long max_tokens).
 """
 from __future__ import annotations
 
@@ -115,6 +117,16 @@ class TorchRolloutEngine:
     def _decoder(self, policy, prefill_cache: LatentCache, max_len: int, device):
         """tokens [B,1] -> next-token logits [B,V] (float32), one call per generated token."""
         mode = self.decode if self.decode != "auto" else ("graph" if device.type == "cuda" else "dynamic")
+        if mode in ("static", "graph") and device.type == "cuda":
+            # the static cache holds max_len columns from the start, where the growing one stops with the
+            # last finished sequence: with a long max_tokens (R1 recipes: 32768) it may not fit
+            need = StaticLatentCache.bytes_needed(prefill_cache, max_len)
+            free = torch.cuda.mem_get_info(device)[0]
+            if need > free // 2:
+                if self.decode != "auto":
+                    raise ValueError(f"decode={mode!r}: a static cache of {max_len} columns needs {need / 2**30:.1f} GiB, "
+                                     f"more than half of the {free / 2**30:.1f} GiB free; lower max_tokens or use 'dynamic'")
+                mode = "dynamic"
         if mode == "dynamic":
             return lambda step: policy(step, attention_mask=torch.ones_like(step), cache=prefill_cache).logits[:, -1].float()
         cache = StaticLatentCache.from_prefill(prefill_cache, max_len)

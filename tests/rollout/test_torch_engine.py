@@ -102,3 +102,14 @@ def test_graph_decode_replays_the_static_step_on_cuda():
     assert graph.completion_ids == static.completion_ids
     for a, b in zip(graph.logprobs, static.logprobs):
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-6, rtol=0)
+
+
+def test_static_cache_size_is_what_from_prefill_allocates(policy):
+    from r1pipe.model.mla import LatentCache, StaticLatentCache
+
+    cache = LatentCache(policy.config.num_hidden_layers)
+    with torch.no_grad():
+        policy(torch.tensor([PROMPT, PROMPT]), attention_mask=torch.ones(2, 4, dtype=torch.long), cache=cache)
+    static = StaticLatentCache.from_prefill(cache, 50)
+    allocated = sum(t.numel() * t.element_size() for t in static.latent + static.rope_key + [static.valid])
+    assert StaticLatentCache.bytes_needed(cache, 50) == allocated > 0
