@@ -86,11 +86,21 @@ class StaticLatentCache:
         return cls([grown(t) for t in cache.latent], [grown(t) for t in cache.rope_key], valid,
                    torch.tensor([width], device=valid.device), cache.key_mask.long().sum(-1, keepdim=True))
 
-    @staticmethod
-    def bytes_needed(cache: LatentCache, max_len: int) -> int:
-        """What from_prefill(cache, max_len) allocates."""
-        per_column = sum(t.shape[0] * t.shape[-1] * t.element_size() for t in cache.latent + cache.rope_key)
-        return per_column * max_len + cache.key_mask.shape[0] * max_len
+    @property
+    def capacity(self) -> int:
+        return self.valid.shape[1]
+
+    def grown(self, max_len: int) -> "StaticLatentCache":
+        """A copy with room for max_len columns (the same contents, column and positions)."""
+        def wider(t):
+            out = t.new_zeros(*t.shape[:2], max_len, t.shape[-1])
+            out[:, :, : t.shape[2]] = t
+            return out
+
+        valid = self.valid.new_zeros(self.valid.shape[0], max_len)
+        valid[:, : self.capacity] = self.valid
+        return StaticLatentCache([wider(t) for t in self.latent], [wider(t) for t in self.rope_key], valid,
+                                 self.column.clone(), self.positions.clone())
 
     def state(self) -> tuple[torch.Tensor, ...]:
         """What a step changes besides the written column (for undoing a warm-up step)."""

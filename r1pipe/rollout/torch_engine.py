@@ -10,8 +10,8 @@ Decoding (`decode`): "dynamic" grows the cache by concatenation (any device); "s
 preallocated StaticLatentCache; "graph" (the default on CUDA) captures that static step once per batch as
 a CUDA graph and replays it per token, so a step costs one launch instead of a few hundred small kernels
 and their Python. "static" is the same computation run eagerly: the CPU twin the tests compare. The static
-cache takes all max_len columns up front; "auto" decodes with the growing cache instead where that would
-take more than half of the free GPU memory (a long max_tokens).
+cache starts a chunk past the prompt and doubles when full (the graph is captured again), so a long
+max_tokens costs neither memory nor attention over columns no sequence has reached.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from r1pipe.rollout.types import Rollouts, sample_seed
 
 class TorchRolloutEngine:
     def __init__(self, policy, pad_token_id: int = 0, max_batch: int = 256, own_weights: bool = False,
-                 decode: str = "auto"):
+                 decode: str = "auto", static_chunk: int = 256):
         if decode not in ("auto", "dynamic", "static", "graph"):
             raise ValueError(f"decode={decode!r}: expected auto, dynamic, static or graph")
         self.policy = policy
@@ -33,6 +33,7 @@ class TorchRolloutEngine:
         self.pad_token_id = pad_token_id
         self.max_batch = max_batch
         self.decode = decode
+        self.static_chunk = static_chunk  # first columns of the static cache past the prompt (then it doubles)
 
     @torch.no_grad()
     def sync_weights(self, named_tensors=None) -> float:
@@ -117,46 +118,59 @@ class TorchRolloutEngine:
     def _decoder(self, policy, prefill_cache: LatentCache, max_len: int, device):
         """tokens [B,1] -> next-token logits [B,V] (float32), one call per generated token."""
         mode = self.decode if self.decode != "auto" else ("graph" if device.type == "cuda" else "dynamic")
-        if mode in ("static", "graph") and device.type == "cuda":
-            # the static cache holds max_len columns from the start, where the growing one stops with the
-            # last finished sequence: with a long max_tokens (R1 recipes: 32768) it may not fit
-            need = StaticLatentCache.bytes_needed(prefill_cache, max_len)
-            free = torch.cuda.mem_get_info(device)[0]
-            if need > free // 2:
-                if self.decode != "auto":
-                    raise ValueError(f"decode={mode!r}: a static cache of {max_len} columns needs {need / 2**30:.1f} GiB, "
-                                     f"more than half of the {free / 2**30:.1f} GiB free; lower max_tokens or use 'dynamic'")
-                mode = "dynamic"
         if mode == "dynamic":
             return lambda step: policy(step, attention_mask=torch.ones_like(step), cache=prefill_cache).logits[:, -1].float()
-        cache = StaticLatentCache.from_prefill(prefill_cache, max_len)
-        eager = lambda step: policy(step, cache=cache).logits[:, -1].float()  # noqa: E731
-        if mode == "static":
-            return eager
-        if device.type != "cuda":
+        if mode == "graph" and device.type != "cuda":
             raise ValueError("decode='graph' needs a CUDA device; use 'static' (the same step, eagerly) elsewhere")
-        tokens = torch.zeros(len(prefill_cache.key_mask), 1, dtype=torch.long, device=device)
-        before = cache.state()
+        return StaticDecoder(policy, prefill_cache, max_len, graph=mode == "graph", chunk=self.static_chunk)
+
+
+class StaticDecoder:
+    """Decode steps against a StaticLatentCache, eagerly or as a replayed CUDA graph. The cache starts
+    `chunk` columns past the prompt and doubles (copied, and the graph captured again) when full, up to
+    max_len: attention runs over the preallocated columns, so a 32k max_tokens must not mean 32k columns
+    from the first token on."""
+
+    def __init__(self, policy, prefill_cache: LatentCache, max_len: int, graph: bool, chunk: int):
+        self.policy, self.max_len, self.graph = policy, max_len, graph
+        self.column = prefill_cache.latent[0].shape[2]  # the host's copy of the cache's write column
+        self.cache = StaticLatentCache.from_prefill(prefill_cache, min(max_len, self.column + chunk))
+        self._captured = None
+        if graph:
+            self._capture()
+
+    def _eager(self, step: torch.Tensor) -> torch.Tensor:
+        return self.policy(step, cache=self.cache).logits[:, -1].float()
+
+    def _capture(self) -> None:
+        device = self.cache.valid.device
+        tokens = torch.zeros(self.cache.valid.shape[0], 1, dtype=torch.long, device=device)
+        before = self.cache.state()
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):  # warm-up off the capture: Triton compiles, the allocator settles
-            eager(tokens)
+            self._eager(tokens)
         torch.cuda.current_stream(device).wait_stream(side)
-        cache.restore(before)  # the warm-up wrote the column its first replay rewrites
+        self.cache.restore(before)  # the warm-up wrote the column its first replay rewrites
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            logits = eager(tokens)
+            logits = self._eager(tokens)
+        # The graph holds raw addresses: self.cache keeps its buffers alive as long as the graph is used
+        # (a first version let them go after capture, and the replays wrote into the sampling's tensors)
+        self._captured = (graph, tokens, logits)
 
-        def replay(step):
-            tokens.copy_(step)
-            graph.replay()
-            return logits  # overwritten by the next replay; the caller samples from it first
-
-        # The graph holds raw addresses: the cache's buffers must live as long as it does (dropped with
-        # `eager`, their memory went to the sampling's tensors and the replays wrote into them)
-        replay.cache = cache
-
-        return replay
+    def __call__(self, step: torch.Tensor) -> torch.Tensor:
+        if self.column == self.cache.capacity:
+            self.cache = self.cache.grown(min(self.max_len, 2 * self.cache.capacity))
+            if self.graph:
+                self._capture()
+        self.column += 1
+        if not self.graph:
+            return self._eager(step)
+        graph, tokens, logits = self._captured
+        tokens.copy_(step)
+        graph.replay()
+        return logits  # overwritten by the next replay; the caller samples from it first
 
 
 def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:

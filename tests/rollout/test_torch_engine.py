@@ -91,25 +91,33 @@ def test_graph_decode_needs_cuda(policy):
 def test_graph_decode_replays_the_static_step_on_cuda():
     # The same comparison ran on the H100 (2026-11-23) at the 2-layer V2-Lite shape, 16 left-padded prompts,
     # 6/10/16/24 tokens: equal completions. (Before the engine kept the static cache alive for the graph,
-    # replays wrote into freed memory: wrong samples, then an out-of-range cache column.) This test itself
-    # is skipped in CI and has not yet run on the device.
+    # replays wrote into freed memory: wrong samples, then an out-of-range cache column.) This test itself,
+    # with the cache growing in chunks, is skipped in CI and has not yet run on the device.
     model = DeepSeekPolicy(tiny_config("deepseek_v2", vocab_size=VOCAB)).init_weights(seed=4, std=0.3)
     model = model.to("cuda", torch.bfloat16).eval()
     prompts = [PROMPT, [2, 9], [1, 6, 8, 3, 12, 5, 7]]
     kwargs = dict(n=4, max_tokens=20, seed=4)
-    static = TorchRolloutEngine(model, decode="static").generate(prompts, **kwargs)
-    graph = TorchRolloutEngine(model, decode="graph").generate(prompts, **kwargs)
+    # static_chunk=2: the cache grows (and the graph is captured again) twice along the way
+    static = TorchRolloutEngine(model, decode="static", static_chunk=2).generate(prompts, **kwargs)
+    graph = TorchRolloutEngine(model, decode="graph", static_chunk=2).generate(prompts, **kwargs)
     assert graph.completion_ids == static.completion_ids
     for a, b in zip(graph.logprobs, static.logprobs):
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-6, rtol=0)
 
 
-def test_static_cache_size_is_what_from_prefill_allocates(policy):
-    from r1pipe.model.mla import LatentCache, StaticLatentCache
+def test_static_cache_grows_in_chunks_and_still_matches(policy, monkeypatch):
+    # a 1-column first chunk past the 7-column prompt grows 8 -> 16 -> 19 (capped at prompt + max_tokens) in
+    # 12 tokens: the grown copies must carry the cache, its valid mask and the positions on, traceless
+    from r1pipe.model.mla import StaticLatentCache
 
-    cache = LatentCache(policy.config.num_hidden_layers)
-    with torch.no_grad():
-        policy(torch.tensor([PROMPT, PROMPT]), attention_mask=torch.ones(2, 4, dtype=torch.long), cache=cache)
-    static = StaticLatentCache.from_prefill(cache, 50)
-    allocated = sum(t.numel() * t.element_size() for t in static.latent + static.rope_key + [static.valid])
-    assert StaticLatentCache.bytes_needed(cache, 50) == allocated > 0
+    prompts = [PROMPT, [2, 9], [1, 6, 8, 3, 12, 5, 7]]
+    kwargs = dict(n=2, max_tokens=12, seed=6, temperature=1.0)
+    capacities = []
+    grown = StaticLatentCache.grown
+    monkeypatch.setattr(StaticLatentCache, "grown", lambda self, n: capacities.append(n) or grown(self, n))
+    dynamic = TorchRolloutEngine(policy, decode="dynamic").generate(prompts, **kwargs)
+    chunked = TorchRolloutEngine(policy, decode="static", static_chunk=1).generate(prompts, **kwargs)
+    assert capacities == [16, 19]
+    assert chunked.completion_ids == dynamic.completion_ids
+    for a, b in zip(chunked.logprobs, dynamic.logprobs):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=5e-5, rtol=0)
