@@ -7,7 +7,7 @@ Each sample draws from its own generator seeded by `sample_seed(seed, prompt, sa
 not depend on which other samples share its batch, and a resumed step samples what the original did.
 
 Decoding (`decode`): "dynamic" grows the cache by concatenation (any device); "static" decodes against a
-preallocated StaticLatentCache; "graph" (the default on CUDA) captures that static step once per batch as
+preallocated StaticLatentCache (`StaticDecoder`); "graph" (the default on CUDA) captures that static step once per batch as
 a CUDA graph and replays it per token, so a step costs one launch instead of a few hundred small kernels
 and their Python. "static" is the same computation run eagerly: the CPU twin the tests compare. The static
 cache starts a chunk past the prompt and doubles when full (the graph is captured again), so a long
@@ -113,7 +113,6 @@ class TorchRolloutEngine:
         policy.train(was_training)
         reasons = ["stop" if out_ids[i] and out_ids[i][-1] in stop_ids else "length" for i in range(len(prompts))]
         return list(zip(out_ids, out_lps, reasons))
-
 
     def _decoder(self, policy, prefill_cache: LatentCache, max_len: int, device):
         """tokens [B,1] -> next-token logits [B,V] (float32), one call per generated token."""
