@@ -56,6 +56,15 @@ class LatentCache:
             self.key_mask = self.key_mask.index_select(0, index)
 
 
+def _widened(t: torch.Tensor, max_len: int) -> torch.Tensor:
+    """t with its column dimension (dim 2 of a [B,1,S,d] cache tensor, dim 1 of a [B,S] mask) zero-padded
+    to max_len."""
+    dim = 2 if t.dim() == 4 else 1
+    out = t.new_zeros(*t.shape[:dim], max_len, *t.shape[dim + 1:])
+    out.narrow(dim, 0, t.shape[dim]).copy_(t)
+    return out
+
+
 class StaticLatentCache:
     """A decode cache whose tensors never move or change shape, so a decode step can be captured once as a
     CUDA graph and replayed: per layer [B,1,S_max,d] buffers written at a column held in a device tensor,
@@ -72,18 +81,11 @@ class StaticLatentCache:
 
     @classmethod
     def from_prefill(cls, cache: LatentCache, max_len: int) -> "StaticLatentCache":
-        batch, _, width, _ = cache.latent[0].shape
+        width = cache.latent[0].shape[2]
         if max_len < width:
             raise ValueError(f"max_len={max_len} is shorter than the prompt pass's {width} columns")
-
-        def grown(t):
-            out = t.new_zeros(batch, 1, max_len, t.shape[-1])
-            out[:, :, :width] = t
-            return out
-
-        valid = torch.zeros(batch, max_len, dtype=torch.bool, device=cache.key_mask.device)
-        valid[:, :width] = cache.key_mask
-        return cls([grown(t) for t in cache.latent], [grown(t) for t in cache.rope_key], valid,
+        valid = _widened(cache.key_mask, max_len)
+        return cls([_widened(t, max_len) for t in cache.latent], [_widened(t, max_len) for t in cache.rope_key], valid,
                    torch.tensor([width], device=valid.device), cache.key_mask.long().sum(-1, keepdim=True))
 
     @property
@@ -92,14 +94,8 @@ class StaticLatentCache:
 
     def grown(self, max_len: int) -> "StaticLatentCache":
         """A copy with room for max_len columns (the same contents, column and positions)."""
-        def wider(t):
-            out = t.new_zeros(*t.shape[:2], max_len, t.shape[-1])
-            out[:, :, : t.shape[2]] = t
-            return out
-
-        valid = self.valid.new_zeros(self.valid.shape[0], max_len)
-        valid[:, : self.capacity] = self.valid
-        return StaticLatentCache([wider(t) for t in self.latent], [wider(t) for t in self.rope_key], valid,
+        return StaticLatentCache([_widened(t, max_len) for t in self.latent],
+                                 [_widened(t, max_len) for t in self.rope_key], _widened(self.valid, max_len),
                                  self.column.clone(), self.positions.clone())
 
     def state(self) -> tuple[torch.Tensor, ...]:

@@ -79,8 +79,26 @@ class DeepSeekPolicy(nn.Module):
         inside a row mark packed sequences (attention never crosses them). With a cache, attention_mask
         covers only the new tokens; the cache remembers the earlier ones.
         """
-        if getattr(cache, "static", False):  # one decode token per row against a StaticLatentCache
-            return self._static_decode_hidden(input_ids, cache)
+        static = getattr(cache, "static", False)
+        if static:  # one decode token per row against a StaticLatentCache: no host syncs, no data-dependent
+            # shapes, so the whole step can be captured as a CUDA graph
+            position_ids, attn_mask, token_mask = cache.positions, cache.begin_step(), None
+        else:
+            position_ids, attn_mask, token_mask = self._attention_inputs(input_ids, attention_mask, position_ids, cache)
+        h = self.model.embed_tokens(input_ids)
+        cos, sin = rope_tables(self.rope_inv_freq, self.rope_attention_factor, position_ids, h.dtype)
+        for layer in self.model.layers:
+            if self.gradient_checkpointing and self.training:
+                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, attn_mask, None, token_mask, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, attn_mask, cache, token_mask)
+        if static:
+            cache.end_step()
+        return self.model.norm(h)
+
+    def _attention_inputs(self, input_ids, attention_mask, position_ids, cache):
+        """(position_ids, attention mask for the layers, token mask for MoE load counts); records the new
+        tokens' key mask in a growing LatentCache."""
         past = cache.length if cache is not None else 0
         if position_ids is None:
             position_ids = _default_positions(input_ids, attention_mask, cache)
@@ -95,26 +113,8 @@ class DeepSeekPolicy(nn.Module):
                 key_mask = None
         elif key_mask is not None and bool(key_mask.all()):
             key_mask = None
-        attn_mask = build_attention_mask(position_ids, key_mask, past)
-        h = self.model.embed_tokens(input_ids)
-        cos, sin = rope_tables(self.rope_inv_freq, self.rope_attention_factor, position_ids, h.dtype)
         token_mask = attention_mask.bool() if attention_mask is not None else None
-        for layer in self.model.layers:
-            if self.gradient_checkpointing and self.training:
-                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, attn_mask, None, token_mask, use_reentrant=False)
-            else:
-                h = layer(h, cos, sin, attn_mask, cache, token_mask)
-        return self.model.norm(h)
-
-    def _static_decode_hidden(self, input_ids: torch.Tensor, cache) -> torch.Tensor:
-        # no host syncs and no data-dependent shapes: the whole step can be captured as a CUDA graph
-        attn_mask = cache.begin_step()
-        h = self.model.embed_tokens(input_ids)
-        cos, sin = rope_tables(self.rope_inv_freq, self.rope_attention_factor, cache.positions, h.dtype)
-        for layer in self.model.layers:
-            h = layer(h, cos, sin, attn_mask, cache, None)
-        cache.end_step()
-        return self.model.norm(h)
+        return position_ids, build_attention_mask(position_ids, key_mask, past), token_mask
 
     def forward(
         self,
