@@ -129,15 +129,16 @@ class _TritonLinearLogprobs(torch.autograd.Function):
             lse2 = hidden.new_empty((0,), dtype=torch.float32)
             logprobs, entropy, ez2 = lse2.clone(), lse2.clone(), lse2.clone()
         else:
-            lse_part, ez_part, tgt_z2 = lt.lse_forward(hidden, weight, targets_i32, inv_temp,
-                                                       with_entropy)
+            lse_part, ent_part, tgt_z2 = lt.lse_forward(hidden, weight, targets_i32, inv_temp,
+                                                        with_entropy)
             lse_parts = lse_part * LN2  # natural-log units from here on
             lse = torch.logsumexp(lse_parts, 0)
             logprobs = torch.where(valid, tgt_z2 * LN2 - lse, 0.0)
             lse2, ez2 = lse * (1.0 / LN2), None
-            if with_entropy:  # E[z] over the whole vocab: spans weighted by their softmax mass
-                ez2 = (torch.exp(lse_parts - lse) * ez_part).sum(0)
-                entropy = torch.where(valid, lse - ez2 * LN2, 0.0)
+            if with_entropy:  # H = sum_j w_j (H_j - log w_j), w_j a span's softmax mass: no cancellation
+                log_w = lse_parts - lse
+                entropy = torch.where(valid, (log_w.exp() * (ent_part * LN2 - log_w)).sum(0), 0.0)
+                ez2 = (lse - entropy) * (1.0 / LN2)  # E[z] in base 2, what the backward needs
         ctx.save_for_backward(hidden, weight, targets_i32, valid, lse2, ez2)
         ctx.inv_temp = inv_temp
         ctx.set_materialize_grads(False)  # an unused output (often entropy) costs nothing

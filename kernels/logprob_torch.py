@@ -18,14 +18,16 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def chunked_lse_stats(hidden, weight, targets, inv_temp: float, with_entropy: bool,
                       row_chunk: int | None = None, vocab_chunk: int | None = None):
-    """Per row: lse of z = hidden @ weight.T * inv_temp, E_softmax[z] (or None) and z[target].
+    """Per row: lse of z = hidden @ weight.T * inv_temp, the softmax entropy (or None) and z[target].
 
-    `targets` must already be in [0, V) (ignored rows replaced by any valid index)."""
+    `targets` must already be in [0, V) (ignored rows replaced by any valid index). The entropy is
+    log(s) - E[z - m] with m the running max, not lse - E[z]: a peaked row with logits near 70 and an
+    entropy near 0.5 would otherwise lose it to cancellation between two numbers near 70."""
     row_chunk, vocab_chunk = row_chunk or ROW_CHUNK, vocab_chunk or VOCAB_CHUNK
     N, V = hidden.shape[0], weight.shape[0]
     cd = _compute_dtype(hidden.dtype)
     lse = torch.empty(N, dtype=cd, device=hidden.device)
-    ez = torch.empty(N, dtype=cd, device=hidden.device) if with_entropy else None
+    ent = torch.empty(N, dtype=cd, device=hidden.device) if with_entropy else None
     for r0 in range(0, N, row_chunk):
         h = hidden[r0:r0 + row_chunk].to(cd)
         m = torch.full((h.shape[0],), float("-inf"), dtype=cd, device=h.device)
@@ -36,15 +38,16 @@ def chunked_lse_stats(hidden, weight, targets, inv_temp: float, with_entropy: bo
             m_new = torch.maximum(m, z.amax(1))
             alpha = torch.exp(m - m_new)
             p = torch.exp(z - m_new[:, None])
+            if with_entropy:  # a = sum p * (z - m), carried over to the new max (s = 0 on the first chunk)
+                shift = (torch.where(s > 0, m, m_new) - m_new) * s  # (no -inf * 0)
+                a = (a + shift) * alpha + (p * (z - m_new[:, None])).sum(1)
             s = s * alpha + p.sum(1)
-            if with_entropy:
-                a = a * alpha + (p * z).sum(1)
             m = m_new
         lse[r0:r0 + row_chunk] = m + torch.log(s)
         if with_entropy:
-            ez[r0:r0 + row_chunk] = a / s
+            ent[r0:r0 + row_chunk] = torch.log(s) - a / s
     tgt_logit = (hidden.to(cd) * weight[targets].to(cd)).sum(1) * inv_temp
-    return lse, ez, tgt_logit
+    return lse, ent, tgt_logit
 
 
 def chunked_grads(hidden, weight, targets, lse, ez, g_lp, g_ent, inv_temp: float,
@@ -89,10 +92,11 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, safe_targets, valid, inv_temp, with_entropy):
-        lse, ez, tgt_logit = chunked_lse_stats(hidden, weight, safe_targets, inv_temp, with_entropy)
+        lse, ent, tgt_logit = chunked_lse_stats(hidden, weight, safe_targets, inv_temp, with_entropy)
         zero = torch.zeros((), dtype=lse.dtype, device=lse.device)
         logprobs = torch.where(valid, tgt_logit - lse, zero).float()
-        entropy = torch.where(valid, lse - ez, zero).float() if with_entropy else None
+        entropy = torch.where(valid, ent, zero).float() if with_entropy else None
+        ez = lse - ent if with_entropy else None  # E[z], what the entropy's gradient needs
         ctx.save_for_backward(hidden, weight, safe_targets, valid, lse, ez)
         ctx.inv_temp = inv_temp
         ctx.set_materialize_grads(False)  # an unused output (often entropy) costs nothing

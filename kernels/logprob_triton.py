@@ -117,14 +117,15 @@ def _logits_tile(h_ptr, w_ptr, h_desc, w_desc, off_m, off_n, N, V, H, stride_h, 
 
 
 @triton.jit
-def _lse_fwd_kernel(h_ptr, w_ptr, h_desc, w_desc, tgt_ptr, lse_part_ptr, ez_part_ptr, tgt_logit_ptr,
+def _lse_fwd_kernel(h_ptr, w_ptr, h_desc, w_desc, tgt_ptr, lse_part_ptr, ent_part_ptr, tgt_logit_ptr,
                     N, V, H, stride_h, stride_w, scale2, tiles_per_prog,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     GROUP_M: tl.constexpr, WITH_ENTROPY: tl.constexpr, USE_TMA: tl.constexpr,
                     EVEN_K: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
                     FLATTEN: tl.constexpr):
     """One program: BLOCK_M rows x `tiles_per_prog` vocab tiles; writes that span's base-2 lse,
-    E[z] (entropy) and, where the target falls in the span, the target logit."""
+    entropy in bits (log2 s - E[z - m]: no cancellation between large logits) and, where the target
+    falls in the span, the target logit."""
     span = BLOCK_N * tiles_per_prog
     pid_m, pid_g = _grouped_pid(tl.program_id(0), tl.cdiv(N, BLOCK_M), tl.cdiv(V, span), GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -146,15 +147,16 @@ def _lse_fwd_kernel(h_ptr, w_ptr, h_desc, w_desc, tgt_ptr, lse_part_ptr, ez_part
         m_new = tl.maximum(m, tl.max(z, 1))
         p = tl.exp2(z - m_new[:, None])
         alpha = tl.exp2(m - m_new)
+        if WITH_ENTROPY:  # a = sum p * (z - m), carried over to the new max (s = 0 on the first tile)
+            shift = (tl.where(s > 0, m, m_new) - m_new) * s  # (no -inf * 0)
+            a = (a + shift) * alpha + tl.sum(p * tl.where(col_ok[None, :], z - m_new[:, None], 0.0), 1)
         s = s * alpha + tl.sum(p, 1)
-        if WITH_ENTROPY:
-            a = a * alpha + tl.sum(p * tl.where(col_ok[None, :], z, 0.0), 1)
         t += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), 1)
         m = m_new
     out = pid_g * N + rows
     tl.store(lse_part_ptr + out, m + tl.log2(s), mask=row_ok)
     if WITH_ENTROPY:
-        tl.store(ez_part_ptr + out, a / s, mask=row_ok)
+        tl.store(ent_part_ptr + out, tl.log2(s) - a / s, mask=row_ok)
     tl.store(tgt_logit_ptr + rows, t, mask=row_ok & (tgt >= v_lo) & (tgt < v_hi))
 
 
@@ -217,7 +219,7 @@ def _common(hidden, weight, cfg: TileConfig) -> dict:
 
 def lse_forward(hidden, weight, targets_i32, inv_temp: float, with_entropy: bool,
                 cfg: TileConfig | None = None):
-    """Base-2 per-span partials: (lse2 [G, N], ez2 [G, N] or None, target z2 [N]).
+    """Base-2 per-span partials: (lse2 [G, N], entropy in bits [G, N] or None, target z2 [N]).
 
     Rows whose target is ignored (or out of range) keep target z2 = 0."""
     N, H = hidden.shape
@@ -226,14 +228,14 @@ def lse_forward(hidden, weight, targets_i32, inv_temp: float, with_entropy: bool
     span = cfg.block_n * cfg.tiles_per_prog
     G = triton.cdiv(V, span)
     lse_part = torch.empty((G, N), device=hidden.device, dtype=torch.float32)
-    ez_part = torch.empty((G, N), device=hidden.device, dtype=torch.float32) if with_entropy else lse_part
+    ent_part = torch.empty((G, N), device=hidden.device, dtype=torch.float32) if with_entropy else lse_part
     tgt_z2 = torch.zeros((N,), device=hidden.device, dtype=torch.float32)
     kw, h_desc, w_desc = _common(hidden, weight, cfg)
     grid = (triton.cdiv(N, cfg.block_m) * G,)
-    _lse_fwd_kernel[grid](hidden, weight, h_desc, w_desc, targets_i32, lse_part, ez_part, tgt_z2,
+    _lse_fwd_kernel[grid](hidden, weight, h_desc, w_desc, targets_i32, lse_part, ent_part, tgt_z2,
                           N, V, H, hidden.stride(0), weight.stride(0), inv_temp * LOG2E,
                           cfg.tiles_per_prog, WITH_ENTROPY=with_entropy, **kw)
-    return lse_part, (ez_part if with_entropy else None), tgt_z2
+    return lse_part, (ent_part if with_entropy else None), tgt_z2
 
 
 def dlogits_chunk(hidden, weight, targets_i32, lse2, ez2, g_lp, g_ent, out, v_start: int,
