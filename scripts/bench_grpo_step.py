@@ -253,6 +253,45 @@ def trl_step_fn(args, policy, config, prompts, completions, advantages, impl):
     return step, old_logps, n_micro, {}
 
 
+def memory_at_peak(step) -> str:
+    """One more step with the CUDA allocator's history on: the tensors alive at the step's peak, summed by
+    the line of our code (or TRL's, transformers', torch's) that allocated them."""
+    sync()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.memory._record_memory_history(stacks="python", max_entries=4_000_000)
+    step()
+    sync()
+    trace = torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()]
+    torch.cuda.memory._record_memory_history(enabled=None)
+    live, total, peak, at_peak, peak_event = {}, before, before, {}, None
+    for e in trace:
+        if e["action"] == "alloc":
+            live[e["addr"]] = e
+            total += e["size"]
+            if total > peak:
+                peak, at_peak, peak_event = total, dict(live), e
+        elif e["action"] == "free_completed" and e["addr"] in live:
+            total -= live.pop(e["addr"])["size"]
+
+    def sites(frames, n=1):  # the innermost frames outside torch's own Python (or the innermost at all)
+        ours = [f for f in frames if "/torch/" not in f["filename"] or "/optim/" in f["filename"]]
+        return [f"{'/'.join(f['filename'].split('/')[-2:])}:{f['line']} {f['name']}"
+                for f in (ours or frames or [{"filename": "?", "line": 0, "name": "?"}])[:n]]
+
+    by_site = {}
+    for e in at_peak.values():
+        key = sites(e.get("frames", []))[0]
+        n, b = by_site.get(key, (0, 0))
+        by_site[key] = (n + 1, b + e["size"])
+    lines = [f"peak {peak / 2**30:.2f} GiB = {before / 2**30:.2f} GiB alive before the step (weights, reference, "
+             f"optimizer state) + {(peak - before) / 2**30:.2f} GiB allocated in it and alive at its peak:",
+             "reached while allocating at: " + " <- ".join(sites((peak_event or {}).get("frames", []), 6)),
+             "| GiB | tensors | allocated at |", "|---|---|---|"]
+    for key, (n, b) in sorted(by_site.items(), key=lambda kv: -kv[1][1])[:30]:
+        lines.append(f"| {b / 2**30:.2f} | {n} | {key} |")
+    return "\n".join(lines) + "\n"
+
+
 # ---- one implementation per process -----------------------------------------------------------------------
 
 
@@ -264,14 +303,15 @@ def run_one(args) -> dict:
     prompts, completions, advantages = synthetic_rollouts(args, config.vocab_size)
     if args.impl.startswith("trl"):
         step, old_logps, n_micro, checks = trl_step_fn(args, policy, config, prompts, completions, advantages, args.impl)
-        backend = nullcontext()
+        backend = nullcontext
     else:
         step, old_logps, n_micro, checks = r1pipe_step_fn(args, policy, prompts, completions, advantages)
-        backend = kernel_backend("torch") if args.impl == "r1pipe-twins" else nullcontext()
+        # a fresh context per use: the timed steps, then --profile / --memory (one cannot be entered twice)
+        backend = (lambda: kernel_backend("torch")) if args.impl == "r1pipe-twins" else nullcontext
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times, first = [], None
-    with backend:
+    with backend():
         first_old = old_logps()
         for i in range(args.warmup + args.steps):
             sync()
@@ -285,11 +325,14 @@ def run_one(args) -> dict:
     if args.profile:  # one more step under the profiler: where the time goes, by kernel
         from torch.profiler import ProfilerActivity, profile
 
-        with backend, profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with backend(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             step()
             sync()
         table = prof.key_averages().table(sort_by="cuda_time_total" if DEVICE == "cuda" else "cpu_time_total", row_limit=25)
         (Path(args.out) / f"profile_{args.impl}.txt").write_text(table)
+    if args.memory and DEVICE == "cuda":
+        with backend():
+            (Path(args.out) / f"memory_{args.impl}.txt").write_text(memory_at_peak(step))
     sec = statistics.median(times)
     tokens = sum(len(p) + len(c) for p, c in zip(prompts, completions))
     flops = model_flops_per_step(config, prompts, completions)
@@ -351,6 +394,7 @@ def main():
     ap.add_argument("--rollout-tokens", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--profile", action="store_true", help="write a per-kernel profile of one step to OUT/profile_IMPL.txt")
+    ap.add_argument("--memory", action="store_true", help="write what is alive at one step's peak memory to OUT/memory_IMPL.txt")
     ap.add_argument("--tiny", action="store_true", help="the tiny V2 policy (a CPU smoke test of this script)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from r1pipe.model.config import DeepSeekConfig
+from r1pipe.model.lean_autograd import rms_norm
 from r1pipe.model.rope import apply_rope_interleaved, softmax_scale
 
 
@@ -23,10 +24,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return rms_norm(x, self.weight, self.eps)  # keeps x and 1/rms for backward, not a float32 copy of x
 
 
 class LatentCache:

@@ -9,10 +9,10 @@ converts them to the published per-expert keys.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from r1pipe.model.config import DeepSeekConfig
+from r1pipe.model.lean_autograd import float32_linear, silu_mul
 
 
 class MLP(nn.Module):
@@ -25,7 +25,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 def route_tokens(
@@ -79,7 +79,7 @@ class TopkRouter(nn.Module):
 
     def forward(self, x: torch.Tensor):
         # float32 router GEMM: bf16 logits flip near-tied expert choices (transformers does the same).
-        logits = F.linear(x.float(), self.weight.float())
+        logits = float32_linear(x, self.weight)
         return route_tokens(logits, self.config, self.e_score_correction_bias)
 
 

@@ -88,7 +88,10 @@ def _check_gradients(name, want, got, other):
         assert torch.equal(g, o), f"{name}: parameter {i}: the two ranks hold different gradients after all-reduce"
         scale = w.abs().max().clamp(min=1e-12)
         err = (g - w).abs().max() / scale
-        assert err <= 1e-5, f"{name}: parameter {i} {tuple(w.shape)}: 2-process gradient off by {err:.2e} relative"
+        # float32 sums in another order (two shards, then the all-reduce) after an Adam step (mu=2): up to
+        # ~1e-5 here, wherever autograd's accumulation order moves (a custom Function in the block moved the
+        # worst parameter from 8.4e-6 to 1.06e-5); a wrong scale or a missed all-reduce is off by >= 1e-2
+        assert err <= 2e-5, f"{name}: parameter {i} {tuple(w.shape)}: 2-process gradient off by {err:.2e} relative"
 
 
 def _metric_rows(run_dir: Path) -> list[dict]:
