@@ -119,6 +119,9 @@ def update_policy(run: GRPORun, batches, kept, advantages, rollouts, truncated, 
     """mu passes over the micro-batches; returns loss/KL/clip/entropy/mismatch metrics (stats and values)."""
     rc, acc, policy = run.recipe, run.accelerator, run.policy
     device = acc.device
+    # each micro-batch's rows as indices into the step's sequences, read before the batches move to the
+    # device: the loop below then waits for the GPU only once per pass (the skip decision), not per micro-batch
+    sequences = [[kept[j] for j in b.seq_index.tolist()] for b in batches]
     batches = [b.to(device) for b in batches]
     mu = rc.grpo.num_iterations
     run.policy_loads = None
@@ -142,14 +145,17 @@ def update_policy(run: GRPORun, batches, kept, advantages, rollouts, truncated, 
         for _ in range(pads if is_sharded(policy) else 0):
             _placeholder_forwards(run, device, policy=not old_from_training, reference=use_reference)
     metrics = {}
-    sampler = [_sampler_logprobs(b, kept, rollouts, device) for b in batches]
-    masks = [b.completion_mask * (1.0 - _truncated_rows(b, kept, truncated, rc.grpo.mask_truncated, device)) for b in batches]
+    sampler = [_sampler_logprobs(b, rows, rollouts, device) for b, rows in zip(batches, sequences)]
+    masks = [b.completion_mask * (1.0 - _truncated_rows(b, rows, truncated, rc.grpo.mask_truncated, device))
+             for b, rows in zip(batches, sequences)]
     if n_seqs == 0:  # every rank dropped every sample (dynamic sampling): nothing to learn from this step
         mu = 0
     stats = loss_stat_template(rc) if mu else {}
     loss_sum = policy_loss_sum = 0.0
     local_nonfinite = False
     for _ in range(mu):
+        nonfinite_loss = torch.zeros((), dtype=torch.bool, device=device)
+        loss_metrics = []  # turned into floats after the pass, not per micro-batch
         for i, b in enumerate(batches):
             # DDP all-reduces on the last micro-batch only: ranks may hold different numbers of them
             with accumulating(acc, policy, last=i == len(batches) - 1):
@@ -161,7 +167,7 @@ def update_policy(run: GRPORun, batches, kept, advantages, rollouts, truncated, 
                     _add_loads(run)
                 else:
                     logp = b.unpack(out)
-                adv = advantages[[kept[j] for j in b.seq_index.tolist()]].to(device)
+                adv = advantages[sequences[i]].to(device)
                 is_w = truncated_is_weights(old[i], sampler[i], masks[i], clip_max=rc.grpo.tis_cap) if rc.grpo.tis_cap else None
                 loss, m = clipped_policy_loss(
                     logp, old[i] if mu > 1 else None, adv, masks[i], loss_type=rc.grpo.loss_type,
@@ -175,13 +181,16 @@ def update_policy(run: GRPORun, batches, kept, advantages, rollouts, truncated, 
                     # a per-sequence mean over this micro-batch -> its share of the step's sequences
                     loss = loss * (b.gather_index.shape[0] * acc.num_processes / max(n_seqs, 1))
                 policy_loss_sum += loss.detach()  # summed on the device: no sync per micro-batch
-                stats = merge_stats(stats, loss_metric_stats(m, masks[i], rc.grpo.loss_type == "gspo"))
+                loss_metrics.append((m, masks[i]))
                 balance = run.model.balance_loss()
                 if balance is not None:
                     loss = loss + balance / len(batches)
-                local_nonfinite |= not torch.isfinite(loss)
+                nonfinite_loss |= ~torch.isfinite(loss.detach())
                 acc.backward(loss)
                 loss_sum += loss.detach()
+        local_nonfinite |= bool(nonfinite_loss)
+        for m, mask in loss_metrics:
+            stats = merge_stats(stats, loss_metric_stats(m, mask, rc.grpo.loss_type == "gspo"))
         for _ in range(pads):  # other ranks have more micro-batches: join their all-reduce (DDP: only a rank
             acc.backward(placeholder_loss(policy, run.tokenizer.pad_token_id or 0, device))  # without any) or their FSDP2 collectives
         grad_norm = clip_grad_norm(acc, policy.parameters(), rc.optim.max_grad_norm)
@@ -265,18 +274,18 @@ def _add_loads(run):
         run.policy_loads = loads.clone() if run.policy_loads is None else run.policy_loads + loads
 
 
-def _sampler_logprobs(b, kept, rollouts, device):
-    rows = [rollouts.logprobs[kept[j]] for j in b.seq_index.tolist()]
-    out = torch.zeros_like(b.completion_mask)
-    for r, lp in enumerate(rows):
-        out[r, : len(lp)] = torch.tensor(lp, device=device)
-    return out
+def _sampler_logprobs(b, rows, rollouts, device):
+    out = torch.zeros(b.completion_mask.shape, dtype=b.completion_mask.dtype)  # filled on the host, copied once
+    for r, j in enumerate(rows):
+        lp = rollouts.logprobs[j]
+        out[r, : len(lp)] = torch.tensor(lp, dtype=out.dtype)
+    return out.to(device)
 
 
-def _truncated_rows(b, kept, truncated, enabled, device):
+def _truncated_rows(b, rows, truncated, enabled, device):
     if not enabled:
         return torch.zeros(b.completion_mask.shape[0], 1, device=device)
-    return truncated[[kept[j] for j in b.seq_index.tolist()]].float().to(device)[:, None]
+    return truncated[rows].float().to(device)[:, None]
 
 
 def _peak_memory_gb() -> float:
