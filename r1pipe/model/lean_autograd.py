@@ -9,7 +9,7 @@ their gradient contributions change, with it the last float32 bits.
 - `silu_mul`: silu(g) * u keeps g and u (autograd's trace keeps silu(g) as well).
 - `float32_linear`: the router's float32 GEMM keeps its input in the caller's dtype, not the float32 copy.
 
-Measured at the step's peak on the H100 (V2-Lite shape, 11k-token micro-batches, scripts/bench_grpo_step.py
+Measured at the step's peak on the H100 (V2-Lite shape, a 16k-token micro-batch, scripts/bench_grpo_step.py
 --memory): the RMSNorm's float32 copies alone held 1.7 GiB of the 14.2 GiB of activations.
 """
 from __future__ import annotations
