@@ -115,6 +115,20 @@ def _check_optimizer(want: dict, got: dict):
             assert type(g) is type(w) and torch.allclose(g, w, rtol=1e-3, atol=1e-7), f"optimizer state {i}.{key} differs"
 
 
+def test_a_deepspeed_launch_is_refused_before_anything_is_built(tmp_path, monkeypatch):
+    # what `accelerate launch` exports for a DeepSpeed config: DeepSpeed's engine would step and clip beneath r1pipe
+    from r1pipe.recipe import load_recipe
+    from r1pipe.training.session import open_session
+
+    recipe = load_recipe(str(sft_recipe(tmp_path, "ds")))
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ValueError, match="DeepSpeed.*fsdp2.yaml"):
+        open_session(recipe, resume=False, max_steps=1)
+    assert not (tmp_path / "ds").exists() or not any((tmp_path / "ds").iterdir())  # nothing written
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "false")
+    open_session(recipe, resume=False, max_steps=1).logger.close()  # the same recipe opens without it
+
+
 def test_when_fsdp2_is_on_and_what_it_refuses(tmp_path, monkeypatch):
     """On with more than one process when the launcher (fsdp2.yaml) or the recipe asks; FSDP1 configs and
     LoRA policies are refused with a message saying what to use instead."""
