@@ -32,12 +32,12 @@ class _RMSNorm(torch.autograd.Function):
         # autograd's own backward of the forward's ops, one for one (so the gradients are the same bits):
         # weight * normed, the cast, xf * rstd, rsqrt, + eps, mean, pow(2), x.float()
         x, weight, rstd = ctx.saved_tensors
+        xf = x.float()  # recomputed once, for both gradients
         grad_x = grad_w = None
         if ctx.needs_input_grad[1]:
-            prod = grad_out * (x.float() * rstd).to(x.dtype)
+            prod = grad_out * (xf * rstd).to(x.dtype)
             grad_w = prod.sum(tuple(range(prod.dim() - 1))).to(weight.dtype)
         if ctx.needs_input_grad[0]:
-            xf = x.float()
             g = (grad_out * weight).to(x.dtype).float()
             grad_var = -0.5 * (g * xf).sum(-1, keepdim=True) * rstd.pow(3)
             grad_x = (g * rstd + grad_var.expand_as(xf) / xf.shape[-1] * (2 * xf)).to(x.dtype)
