@@ -24,9 +24,24 @@ import torch
 from torch import nn
 
 
+def _launcher_asks(variable: str) -> bool:
+    """A switch `accelerate launch` exports from its config file (ACCELERATE_USE_FSDP, ..._DEEPSPEED)."""
+    return os.environ.get(variable, "false").lower() in ("1", "true")
+
+
+def refuse_deepspeed_launch() -> None:
+    """`accelerate launch` with a DeepSpeed config: refused before the Accelerator is built. accelerate would wrap
+    the policy in DeepSpeed's engine, whose backward also steps the optimizer at its own accumulation boundary
+    (every micro-batch here) after clipping at its own default norm, beneath r1pipe's step: silently wrong."""
+    if _launcher_asks("ACCELERATE_USE_DEEPSPEED"):
+        raise ValueError("the accelerate config asks for DeepSpeed, which r1pipe does not drive (its steps own "
+                         "accumulation, clipping, the optimizer step and checkpoints); shard with FSDP2 instead: "
+                         "accelerate launch --config_file recipes/accelerate/fsdp2.yaml ...")
+
+
 def requested(recipe, num_processes: int) -> bool:
     """Shard when the recipe or the accelerate launcher asks for FSDP and there is more than one process."""
-    from_launcher = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+    from_launcher = _launcher_asks("ACCELERATE_USE_FSDP")
     if from_launcher and os.environ.get("FSDP_VERSION", "1") != "2":
         raise ValueError(f"the accelerate config asks for FSDP version {os.environ.get('FSDP_VERSION', '1')}; r1pipe "
                          "supports FSDP2 only (fsdp_version: 2, as in recipes/accelerate/fsdp2.yaml)")

@@ -3,7 +3,6 @@ checkpoint, or from the latest resumable checkpoint), optimizer and schedule, th
 atomic checkpoints and the final policy in `output_dir/final`."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,20 +62,10 @@ class TrainSession:
                 fsdp.unsharded_copy(reference, "cpu", keep) if reference is not None else None)
 
 
-def refuse_deepspeed_launch() -> None:
-    """`accelerate launch` with a DeepSpeed config: refused before the Accelerator is built. accelerate would wrap
-    the policy in DeepSpeed's engine, whose backward also steps the optimizer at its own accumulation boundary
-    (every micro-batch here) after clipping at its own default norm, beneath r1pipe's step: silently wrong."""
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true"):
-        raise ValueError("the accelerate config asks for DeepSpeed, which r1pipe does not drive (its steps own "
-                         "accumulation, clipping, the optimizer step and checkpoints); shard with FSDP2 instead: "
-                         "accelerate launch --config_file recipes/accelerate/fsdp2.yaml ...")
-
-
 def open_session(recipe, resume: bool, max_steps: int | None, total_steps: int | None = None) -> TrainSession:
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
-    refuse_deepspeed_launch()
+    fsdp.refuse_deepspeed_launch()
     out_dir = Path(recipe.output_dir)
     # No buffer broadcast in DDP forwards: ranks run different numbers of micro-batches, and the buffers
     # (balancing bias, updated from all-reduced loads; rope tables; last loads) agree or are per-rank.
