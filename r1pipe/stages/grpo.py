@@ -346,10 +346,12 @@ def run(recipe, resume: bool = False, max_steps: int | None = None) -> Path:
         reference = frozen_reference(policy, session.checkpoint / "reference" if session.checkpoint is not None else None,
                                      acc.device)
     if rc.grpo.reference_offload:
-        if is_lora(policy) or is_sharded(policy):
-            raise ValueError("grpo.reference_offload with " + ("LoRA (model.lora_rank > 0): the reference is the base "
-                             "model itself, there is no second copy to offload" if is_lora(policy) else
-                             "FSDP: the reference is already sharded over the ranks; turn one of them off"))
+        if is_lora(policy):
+            raise ValueError("grpo.reference_offload with LoRA (model.lora_rank > 0): the reference is the base "
+                             "model itself, there is no second copy to offload")
+        if is_sharded(policy):
+            raise ValueError("grpo.reference_offload with FSDP: the reference is already sharded over the ranks; "
+                             "turn one of them off")
         offload_layers(reference, acc.device)
     rows = load_prompt_dataset(rc.data.train).to_list()[: rc.data.limit]
     prompt_ids = [format_prompt(session.tokenizer, r["prompt"]) for r in rows]

@@ -115,3 +115,12 @@ def test_offloaded_reference_on_cuda_matches_a_resident_one():
         got = joined_reference_logprobs(reference, batches)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, atol=5e-2, rtol=0)  # bf16; the joined pass takes other kernel tiles
+
+
+def test_reference_offload_with_lora_is_refused_naming_why(tmp_path):
+    # a LoRA policy's reference is its own base weights: there is no second copy to offload
+    from r1pipe.stages import grpo
+
+    path = grpo_recipe(tmp_path, "lora", model={"init": "tiny", "lora_rank": 4}, grpo={"reference_offload": True})
+    with pytest.raises(ValueError, match="reference_offload with LoRA.*no second copy"):
+        grpo.run(load_recipe(path), max_steps=1)
