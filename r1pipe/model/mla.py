@@ -120,8 +120,10 @@ class StaticLatentCache:
 
 
 class PackedSegments:
-    """Packed sequences as a padded view for attention: `index` [n, Lmax] into the flattened [B*T] tokens,
-    `valid` [n, Lmax]. Attention then costs Σ len² instead of (B·T)² with a block-diagonal mask."""
+    """Packed sequences as a padded view for attention: `index` [n·Lmax] into the flattened [B*T] tokens (row
+    by row of the view) and `slot` [B*T], each token's row in it. Attention then costs Σ len² instead of
+    (B·T)² with a block-diagonal mask. Both are plain row gathers (`index_select`): no boolean mask (a host
+    sync per layer) and a backward that adds rows rather than sorting indices (`index_put_`)."""
 
     def __init__(self, position_ids: torch.Tensor):
         flat = position_ids.reshape(-1)
@@ -132,10 +134,13 @@ class PackedSegments:
         starts |= row_starts  # a new row always starts a new sequence
         begin = starts.nonzero().squeeze(1)
         lengths = torch.diff(torch.cat([begin, begin.new_tensor([flat.numel()])]))
-        width = int(lengths.max())
+        self.width = width = int(lengths.max())
         offsets = torch.arange(width, device=flat.device)
-        self.valid = offsets[None, :] < lengths[:, None]
-        self.index = (begin[:, None] + offsets[None, :]).clamp(max=flat.numel() - 1)
+        # padding past a sequence's end reads the batch's last token: its queries are dropped by `slot`, and a
+        # real query never sees its keys (causal), so their gradients are exact zeros
+        self.index = (begin[:, None] + offsets[None, :]).clamp(max=flat.numel() - 1).reshape(-1)
+        segment = torch.cumsum(starts, 0) - 1
+        self.slot = segment * width + (torch.arange(flat.numel(), device=flat.device) - begin[segment])
 
     def attend(self, q, k, v, scale: float) -> torch.Tensor:
         """q, k, v [B, heads, T, d] -> attention output [B, T, heads*dv] within each sequence."""
@@ -143,13 +148,13 @@ class PackedSegments:
 
         def to_segments(x):
             flat = x.transpose(1, 2).reshape(b * t, heads, x.shape[-1])
-            return flat[self.index].transpose(1, 2)  # [n, heads, Lmax, d]
+            return flat.index_select(0, self.index).view(-1, self.width, heads, x.shape[-1]).transpose(1, 2)
 
         # Plain causal attention, no mask: each segment is right-padded, so a real query's causal window holds
         # only its own sequence's keys; padded queries see padding and are dropped below. Mask-free SDPA can
         # take the fused flash/cuDNN paths, which a dense [n, Lmax, Lmax] mask rules out.
         out = F.scaled_dot_product_attention(to_segments(q), to_segments(k), to_segments(v), is_causal=True, scale=scale)
-        out = out.transpose(1, 2)[self.valid]  # [B*T, heads, dv], in token order
+        out = out.transpose(1, 2).reshape(-1, heads, out.shape[-1]).index_select(0, self.slot)  # token order
         return out.reshape(b, t, -1)
 
 
