@@ -73,9 +73,16 @@ def shard(model: nn.Module, mesh=None, device_type: str | None = None) -> nn.Mod
         device_type = device_type or next(model.parameters()).device.type
         mesh = init_device_mesh(device_type, (torch.distributed.get_world_size(),))
     reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() != "false"
-    for layer in model.model.layers:
+    layers = list(model.model.layers)
+    for layer in layers:
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard)
     fully_shard(model, mesh=mesh)  # the root: embed_tokens, norm, lm_head
+    # explicit prefetch: layer i's forward starts the all-gather of layer i+1 (its backward: of layer i-1)
+    # rather than the CPU reaching that layer's hook; a host sync inside a layer then no longer delays the
+    # next gather (2 H200s, 11k tokens a rank: step 0.322 -> 0.303 s; no change at 43k tokens)
+    for i, layer in enumerate(layers):
+        layer.set_modules_to_forward_prefetch(layers[i + 1:i + 2])
+        layer.set_modules_to_backward_prefetch(layers[i - 1:i])
     return model
 
 
@@ -160,12 +167,16 @@ def clip_grad_norm(acc, parameters, max_norm: float) -> float:
     grads = [p.grad for p in parameters if p.grad is not None]
     if not any(isinstance(g, DTensor) for g in grads):
         return float(acc.clip_grad_norm_(parameters, max_norm))
-    squares = torch.stack([_local(g).double().pow(2).sum() for g in grads]).sum()
+    local = [_local(g) for g in grads]
+    # one fused pass over the shards (float32 norms, whatever the gradients' dtype), squared in float64: not a
+    # float64 copy of every gradient (at 1.7B parameters a rank that was 10 ms of a 0.3 s step on an H200)
+    norms = torch._foreach_norm(local, 2, dtype=torch.float32)
+    squares = torch.stack(norms).double().pow(2).sum()
     torch.distributed.all_reduce(squares, group=grads[0].device_mesh.get_group())
     total = math.sqrt(float(squares))
     coef = min(max_norm / (total + 1e-6), 1.0)
-    for g in grads:
-        _local(g).mul_(coef)
+    if coef < 1.0:
+        torch._foreach_mul_(local, coef)
     return total
 
 
