@@ -111,10 +111,11 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def accelerate_launch(*args: str, timeout: float = 400):
+def accelerate_launch(*args: str, timeout: float = 400, must_succeed: bool = True):
     """`accelerate launch` of 2 processes (its flags, then the script and its arguments in `args`), in its own
     session: on a failure or hang the launcher and both workers go down together. The body runs while the
-    workers do (the one-process side of a comparison); on leaving, the launch must have succeeded."""
+    workers do (the one-process side of a comparison); on leaving, the launch must have succeeded (unless
+    `must_succeed` is False: then `.returncode` and `.output` are for the caller to check)."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), *args]
     launched = subprocess.Popen(cmd, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -126,7 +127,7 @@ def accelerate_launch(*args: str, timeout: float = 400):
         if launched.poll() is None:
             os.killpg(launched.pid, signal.SIGKILL)
             launched.wait()
-    assert launched.returncode == 0, launched.output[-8000:]
+    assert launched.returncode == 0 or not must_succeed, launched.output[-8000:]
 
 
 def final_tensors(run_dir: Path) -> dict:

@@ -14,7 +14,7 @@ amplified by Adam: 1e-3); the logged loss per step; the final checkpoint and the
 reference, tensor by tensor, and its gathered optimizer state against the 1-process run's; and that
 `--resume` from the 2-process step-1 checkpoint (full tensors, re-sharded on load) ends bit for bit where
 the uninterrupted 2-process run did. A second, process-free test: when FSDP2 turns on, and that FSDP1 configs
-and LoRA policies are refused.
+and LoRA policies are refused; a third: a 2-process launch with `grpo.reference_offload` is refused by name.
 """
 from __future__ import annotations
 
@@ -113,6 +113,15 @@ def _check_optimizer(want: dict, got: dict):
         for key, w in entries.items():
             g = got["state"][i][key]
             assert type(g) is type(w) and torch.allclose(g, w, rtol=1e-3, atol=1e-7), f"optimizer state {i}.{key} differs"
+
+
+def test_reference_offload_with_fsdp_is_refused_naming_why(tmp_path):
+    # a sharded reference is spread over the ranks already: streaming it from host memory too is refused
+    recipe = grpo_recipe(tmp_path, "offload", model={"init": "tiny"}, grpo={"reference_offload": True})
+    with accelerate_launch("--config_file", str(CONFIG), "-m", "r1pipe.train", str(recipe), must_succeed=False) as launched:
+        pass
+    assert launched.returncode != 0
+    assert "grpo.reference_offload with FSDP: the reference is already sharded" in launched.output, launched.output[-3000:]
 
 
 def test_a_deepspeed_launch_is_refused_before_anything_is_built(tmp_path, monkeypatch):
