@@ -300,8 +300,9 @@ def _peak_memory_gb() -> float:
 def make_engine(recipe, policy, tokenizer, out_dir: Path, rank: int = 0):
     """The rollout engine of `recipe.rollout.engine`; vLLM starts from a snapshot of the current policy."""
     sharded = is_sharded(policy)
-    if sharded:  # the engine generates alone, with whole weights (a gather on every rank), synced after each step
-        policy = unsharded_copy(policy)
+    if sharded:  # the engine generates alone, with whole weights (a gather on every rank), synced after each step;
+        # the torch engine keeps them on the GPU, vLLM's snapshot is written from the host
+        policy = unsharded_copy(policy, None if recipe.rollout.engine == "torch" else "cpu")
     if recipe.rollout.engine == "torch":
         from r1pipe.rollout.torch_engine import TorchRolloutEngine
 

@@ -61,7 +61,8 @@ def is_sharded(model) -> bool:
 
 def shard(model: nn.Module, mesh=None, device_type: str | None = None) -> nn.Module:
     """fully_shard each decoder layer, then the root (in place; returns the model). `mesh`: the policy's,
-    to shard a second model (the reference) over the same ranks."""
+    to shard a second model (the reference) over the same ranks. A model on the host moves to the mesh's device
+    one unit at a time as it is sharded (fully_shard moves what it manages), so load it there first."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 

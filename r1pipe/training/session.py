@@ -76,8 +76,9 @@ def open_session(recipe, resume: bool, max_steps: int | None, total_steps: int |
     ckpt = latest_checkpoint(out_dir) if resume else None
     if ckpt is not None:
         recipe.model.path, recipe.model.init = str(ckpt / "policy"), None
-    policy, tokenizer = load_policy_for(recipe.model, recipe.train.seed, device=accelerator.device)
     sharded = fsdp.requested(recipe, accelerator.num_processes)
+    # FSDP2 loads on the host and moves each decoder layer to the GPU as it shards it: no GPU holds the whole model
+    policy, tokenizer = load_policy_for(recipe.model, recipe.train.seed, device="cpu" if sharded else accelerator.device)
     if sharded:  # before the optimizer: it steps the sharded parameters
         fsdp.shard(policy, device_type=accelerator.device.type)
     optimizer, scheduler = build_optimizer(policy.parameters(), recipe.optim, total)

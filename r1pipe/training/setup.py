@@ -59,10 +59,11 @@ def frozen_reference(policy, saved: Path | None = None, device="cpu"):
     from r1pipe.training import fsdp
 
     sharded = fsdp.is_sharded(policy)
+    # sharded: the full copy is built on the host, and `fsdp.shard` moves it to the GPU layer by layer
     if saved is not None:
-        reference = DeepSeekPolicy.from_pretrained(saved, device=device)
+        reference = DeepSeekPolicy.from_pretrained(saved, device="cpu" if sharded else device)
     else:
-        reference = fsdp.unsharded_copy(policy) if sharded else frozen_copy(policy)
+        reference = fsdp.unsharded_copy(policy, "cpu") if sharded else frozen_copy(policy)
     reference.requires_grad_(False).eval()
     return fsdp.shard(reference, mesh=fsdp.mesh_of(policy)) if sharded else reference
 
