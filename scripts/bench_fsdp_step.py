@@ -66,7 +66,6 @@ def worker(args) -> None:
     from r1pipe.training.setup import frozen_reference
     from r1pipe.training.stats import gather_over_ranks, reduce_stats
 
-    fsdp.refuse_deepspeed_launch()
     acc = Accelerator(cpu=DEVICE == "cpu", kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
     torch.manual_seed(args.seed)
     policy, config = build_policy(args)  # seeded: the same weights on every rank

@@ -19,7 +19,8 @@ from r1pipe.grpo import clipped_policy_loss, group_advantages, truncated_is_weig
 from r1pipe.rollout.types import logprob_mismatch
 from r1pipe.training.lora import base_reference, is_lora, rollout_weights
 from r1pipe.stages.grpo_sampling import all_sum, sample_stats, sample_step
-from r1pipe.training.fsdp import accumulating, clip_grad_norm, is_sharded, placeholder_count, unsharded_copy
+from r1pipe.training import zero3
+from r1pipe.training.fsdp import accumulating, backward, clip_grad_norm, is_sharded, placeholder_count, unsharded_copy
 from r1pipe.training.offload import is_offloaded, offload_layers
 from r1pipe.training.packing import pack_sequences, placeholder_batch, placeholder_loss
 from r1pipe.training.setup import frozen_reference
@@ -157,8 +158,9 @@ def update_policy(run: GRPORun, batches, kept, advantages, rollouts, truncated, 
         nonfinite_loss = torch.zeros((), dtype=torch.bool, device=device)
         loss_metrics = []  # turned into floats after the pass, not per micro-batch
         for i, b in enumerate(batches):
-            # DDP all-reduces on the last micro-batch only: ranks may hold different numbers of them
-            with accumulating(acc, policy, last=i == len(batches) - 1):
+            # DDP all-reduces on the last micro-batch only (ranks may hold different numbers of them); ZeRO-3's
+            # step boundary is the last backward of all, a placeholder's where this rank runs some
+            with accumulating(acc, policy, last=i == len(batches) - 1 and not pads):
                 out = policy(b.input_ids, position_ids=b.position_ids, targets=b.targets, return_entropy=old_from_training)
                 if old_from_training:
                     logp, ent = b.unpack(out[0]), b.unpack(out[1].detach())
@@ -186,13 +188,14 @@ def update_policy(run: GRPORun, batches, kept, advantages, rollouts, truncated, 
                 if balance is not None:
                     loss = loss + balance / len(batches)
                 nonfinite_loss |= ~torch.isfinite(loss.detach())
-                acc.backward(loss)
+                backward(acc, policy, loss)
                 loss_sum += loss.detach()
         local_nonfinite |= bool(nonfinite_loss)
         for m, mask in loss_metrics:
             stats = merge_stats(stats, loss_metric_stats(m, mask, rc.grpo.loss_type == "gspo"))
-        for _ in range(pads):  # other ranks have more micro-batches: join their all-reduce (DDP: only a rank
-            acc.backward(placeholder_loss(policy, run.tokenizer.pad_token_id or 0, device))  # without any) or their FSDP2 collectives
+        for j in range(pads):  # other ranks have more micro-batches: join their all-reduce (DDP: only a rank
+            with accumulating(acc, policy, last=j == pads - 1):  # without any) or their sharded collectives
+                backward(acc, policy, placeholder_loss(policy, run.tokenizer.pad_token_id or 0, device))
         grad_norm = clip_grad_norm(acc, policy.parameters(), rc.optim.max_grad_norm)
         # one rank's non-finite loss skips the step on every rank, or their weights would part
         nonfinite = all_sum(acc, int(local_nonfinite)) > 0
@@ -340,6 +343,9 @@ def run(recipe, resume: bool = False, max_steps: int | None = None) -> Path:
     if rc.rollout.server_url is not None and acc.num_processes > 1:
         raise ValueError("rollout.server_url with several processes: every rank would push its weights into one "
                          "server; leave server_url unset (each rank starts its own) or train with one process")
+    if rc.grpo.ref_reset_every and zero3.is_partitioned(policy):
+        raise ValueError("grpo.ref_reset_every under DeepSpeed ZeRO-3 is not supported (the reference's partitions "
+                         "would need the policy's copied in); use FSDP2 (recipes/accelerate/fsdp2.yaml) or leave it 0")
     reference = None
     if rc.grpo.beta and is_lora(policy):  # the base with adapters off: no second model in memory
         reference = base_reference(policy, rc.grpo.ref_reset_every)
@@ -351,8 +357,8 @@ def run(recipe, resume: bool = False, max_steps: int | None = None) -> Path:
             raise ValueError("grpo.reference_offload with LoRA (model.lora_rank > 0): the reference is the base "
                              "model itself, there is no second copy to offload")
         if is_sharded(policy):
-            raise ValueError("grpo.reference_offload with FSDP: the reference is already sharded over the ranks; "
-                             "turn one of them off")
+            raise ValueError("grpo.reference_offload with FSDP (FSDP2 or ZeRO-3): the reference is already sharded "
+                             "over the ranks; turn one of them off")
         offload_layers(reference, acc.device)
     rows = load_prompt_dataset(rc.data.train).to_list()[: rc.data.limit]
     prompt_ids = [format_prompt(session.tokenizer, r["prompt"]) for r in rows]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from r1pipe.training.fsdp import accumulating, clip_grad_norm, placeholder_count
+from r1pipe.training.fsdp import accumulating, backward, clip_grad_norm, placeholder_count
 from r1pipe.training.packing import pack_sequences, placeholder_loss
 from r1pipe.training.state import select_rows
 
@@ -33,22 +33,24 @@ def sft_step(session, rows, prompt_ids, response_ids, step: int) -> dict:
     pads = placeholder_count(acc, len(batches), session.sharded)  # a collective: before any forward
     for i, b in enumerate(batches):
         b = b.to(acc.device)
-        # DDP all-reduces on the last micro-batch only: ranks may hold different numbers of them
-        with accumulating(acc, wrapped, last=i == len(batches) - 1):
+        # DDP all-reduces on the last micro-batch only (ranks may hold different numbers of them); ZeRO-3's
+        # step boundary is the last backward of all, a placeholder's where this rank runs some
+        with accumulating(acc, wrapped, last=i == len(batches) - 1 and not pads):
             logp = b.unpack(wrapped(b.input_ids, position_ids=b.position_ids, targets=b.targets))
             # token mean over the whole step (all micro-batches, all ranks; DDP averages over ranks)
             loss = -(logp * b.completion_mask).sum() * acc.num_processes / max(n_tokens, 1)
             balance = session.policy.balance_loss()
             if balance is not None:
                 loss = loss + balance / len(batches)
-            acc.backward(loss)
+            backward(acc, wrapped, loss)
         total += loss.item()
         step_loads = session.policy.expert_loads()
         loads = step_loads if loads is None else loads + step_loads
     # a rank without rows joins the others' all-reduce with zeros (DDP); FSDP2: as many forwards and
     # backwards as the rank with the most micro-batches (each is a collective)
-    for _ in range(pads):
-        acc.backward(placeholder_loss(wrapped, session.tokenizer.pad_token_id or 0, acc.device))
+    for j in range(pads):
+        with accumulating(acc, wrapped, last=j == pads - 1):
+            backward(acc, wrapped, placeholder_loss(wrapped, session.tokenizer.pad_token_id or 0, acc.device))
     if loads is None and acc.num_processes > 1:
         loads = session.policy.expert_loads() * 0  # and the expert-load all-reduce below
     grad_norm = clip_grad_norm(acc, wrapped.parameters(), rc.optim.max_grad_norm)

@@ -11,6 +11,10 @@ What leaves a rank whole: `full_state_items` (the rollout engine's weights, ever
 (checkpoints, rank 0; the KL reference's and the torch engine's starting copy), `gathered_optimizer`
 (checkpoints keep the full optimizer state in the plain layout, so a run resumes at any world size).
 Buffers (the MoE balancing bias) are not sharded: every rank updates its copy from all-reduced loads.
+
+The stages call these same functions under DeepSpeed ZeRO-3 (`r1pipe.training.zero3`): `is_sharded`,
+`full_state_items`, `unsharded_copy`, `gathered_optimizer`, `sharding_loader`, `clip_grad_norm`,
+`accumulating` and `backward` hand a ZeRO-3 model, engine or optimizer to their twin there.
 """
 from __future__ import annotations
 
@@ -23,20 +27,12 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
+from r1pipe.training import zero3
+
 
 def _launcher_asks(variable: str) -> bool:
     """A switch `accelerate launch` exports from its config file (ACCELERATE_USE_FSDP, ..._DEEPSPEED)."""
     return os.environ.get(variable, "false").lower() in ("1", "true")
-
-
-def refuse_deepspeed_launch() -> None:
-    """`accelerate launch` with a DeepSpeed config: refused before the Accelerator is built. accelerate would wrap
-    the policy in DeepSpeed's engine, whose backward also steps the optimizer at its own accumulation boundary
-    (every micro-batch here) after clipping at its own default norm, beneath r1pipe's step: silently wrong."""
-    if _launcher_asks("ACCELERATE_USE_DEEPSPEED"):
-        raise ValueError("the accelerate config asks for DeepSpeed, which r1pipe does not drive (its steps own "
-                         "accumulation, clipping, the optimizer step and checkpoints); shard with FSDP2 instead: "
-                         "accelerate launch --config_file recipes/accelerate/fsdp2.yaml ...")
 
 
 def requested(recipe, num_processes: int) -> bool:
@@ -54,9 +50,10 @@ def requested(recipe, num_processes: int) -> bool:
 
 
 def is_sharded(model) -> bool:
+    """FSDP2 or DeepSpeed ZeRO-3 (`r1pipe.training.zero3`): weights spread over the ranks, forwards collective."""
     from torch.distributed.fsdp import FSDPModule
 
-    return isinstance(model, FSDPModule)
+    return isinstance(model, FSDPModule) or zero3.is_partitioned(model)
 
 
 def shard(model: nn.Module, mesh=None, device_type: str | None = None) -> nn.Module:
@@ -105,6 +102,9 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 def full_state_items(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """(key, full tensor) over the state_dict; a collective per sharded tensor: every rank iterates it whole."""
+    if zero3.is_partitioned(model):
+        yield from zero3.full_state_items(model)
+        return
     for key, tensor in model.state_dict().items():
         yield key, _full(tensor.detach())
 
@@ -116,6 +116,8 @@ def unsharded_copy(model: nn.Module, device=None, keep: bool = True):
 
     from r1pipe.training.setup import policy_from_state
 
+    if zero3.is_partitioned(model):
+        return zero3.unsharded_copy(model, device, keep)
     state = {}
     for key, tensor in model.state_dict().items():
         # a buffer (the balancing bias) is the model's own: copied, or the copy would follow its updates
@@ -133,6 +135,8 @@ def unsharded_copy(model: nn.Module, device=None, keep: bool = True):
 def gathered_optimizer(optimizer, keep: bool = True):
     """The optimizer's state_dict with full tensors, in the layout of an unsharded optimizer (collective);
     an object with `state_dict()` for `save_train_state`, None where `keep` is False."""
+    if isinstance(optimizer, zero3.EngineStep):
+        return zero3.gathered_optimizer(optimizer, keep)
     state = optimizer.state_dict()
     full = {i: {k: _full(v).cpu() if torch.is_tensor(v) else v for k, v in s.items()} for i, s in state["state"].items()}
     if not keep:
@@ -145,6 +149,9 @@ def sharding_loader(optimizer):
     """An object whose `load_state_dict(full)` loads a full (gathered or single-process) optimizer state into
     the sharded optimizer: every rank slices its own shard, no communication."""
     from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(optimizer, zero3.EngineStep):
+        return zero3.optimizer_loader(optimizer)
 
     def load_state_dict(saved: dict) -> None:
         params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -165,6 +172,8 @@ def clip_grad_norm(acc, parameters, max_norm: float) -> float:
     from torch.distributed.tensor import DTensor
 
     parameters = list(parameters)
+    if parameters and hasattr(parameters[0], "ds_id"):  # ZeRO-3: the engine's step clips at gradient_clipping
+        return zero3.grad_norm(parameters)
     grads = [p.grad for p in parameters if p.grad is not None]
     if not any(isinstance(g, DTensor) for g in grads):
         return float(acc.clip_grad_norm_(parameters, max_norm))
@@ -194,7 +203,19 @@ def placeholder_count(acc, n_batches: int, sharded: bool) -> int:
 
 def accumulating(acc, model, last: bool):
     """The context of one micro-batch's backward: DDP syncs on the last only; FSDP2 reduce-scatters every
-    backward (ranks run the same number of them), keeping gradients sharded."""
+    backward (ranks run the same number of them), keeping gradients sharded; ZeRO-3's engine is told whether
+    this backward ends the step."""
+    if zero3.is_engine(model):
+        model.set_gradient_accumulation_boundary(last)
+        return contextlib.nullcontext()
     if last or is_sharded(model):
         return contextlib.nullcontext()
     return acc.no_sync(model)
+
+
+def backward(acc, model, loss: torch.Tensor) -> None:
+    """loss.backward() as the wrapper of `model` wants it: accelerate's (DDP, FSDP2) or ZeRO-3's engine's."""
+    if zero3.is_engine(model):
+        model.backward(loss)
+    else:
+        acc.backward(loss)

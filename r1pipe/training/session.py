@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from r1pipe.training import fsdp
+from r1pipe.training import fsdp, zero3
 from r1pipe.training.metrics import MetricsLogger
 from r1pipe.training.optim import build_optimizer
 from r1pipe.training.setup import load_policy_for
@@ -65,7 +65,6 @@ class TrainSession:
 def open_session(recipe, resume: bool, max_steps: int | None, total_steps: int | None = None) -> TrainSession:
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
-    fsdp.refuse_deepspeed_launch()
     out_dir = Path(recipe.output_dir)
     # No buffer broadcast in DDP forwards: ranks run different numbers of micro-batches, and the buffers
     # (balancing bias, updated from all-reduced loads; rope tables; last loads) agree or are per-rank.
@@ -76,21 +75,29 @@ def open_session(recipe, resume: bool, max_steps: int | None, total_steps: int |
     ckpt = latest_checkpoint(out_dir) if resume else None
     if ckpt is not None:
         recipe.model.path, recipe.model.init = str(ckpt / "policy"), None
-    sharded = fsdp.requested(recipe, accelerator.num_processes)
+    partitioned = zero3.requested(recipe, accelerator.num_processes)  # DeepSpeed ZeRO-3
+    fsdp_sharded = not partitioned and fsdp.requested(recipe, accelerator.num_processes)
+    sharded = partitioned or fsdp_sharded
     # FSDP2 loads on the host and moves each decoder layer to the GPU as it shards it: no GPU holds the whole model
-    policy, tokenizer = load_policy_for(recipe.model, recipe.train.seed, device="cpu" if sharded else accelerator.device)
-    if sharded:  # before the optimizer: it steps the sharded parameters
+    policy, tokenizer = load_policy_for(recipe.model, recipe.train.seed, device="cpu" if fsdp_sharded else accelerator.device)
+    if fsdp_sharded:  # before the optimizer: it steps the sharded parameters
         fsdp.shard(policy, device_type=accelerator.device.type)
     optimizer, scheduler = build_optimizer(policy.parameters(), recipe.optim, total)
+    if partitioned:  # the engine partitions the weights and steps AdamW on float32 partitions of them
+        engine = zero3.partition(policy, optimizer, recipe.optim.max_grad_norm)
+        optimizer = zero3.EngineStep(engine, optimizer)
     resumed = ({"step": 0, "stage_state": {}} if ckpt is None else
                load_trainer_state(ckpt, fsdp.sharding_loader(optimizer) if sharded else optimizer, scheduler))
     start = resumed["step"]
     if sharded:  # accelerate neither wraps the model (DDP) nor the optimizer: the same path on CPU and GPU
-        wrapped = policy
+        wrapped = engine if partitioned else policy
         if accelerator.is_main_process:
-            local = sum(p.to_local().numel() for p in policy.parameters())
-            print(f"FSDP2: policy sharded over {accelerator.num_processes} processes; "
-                  f"rank 0 holds {local:,} of {sum(p.numel() for p in policy.parameters()):,} parameters", flush=True)
+            local = sum(p.ds_tensor.numel() if partitioned else p.to_local().numel() for p in policy.parameters())
+            total_params = sum(p.ds_numel if partitioned else p.numel() for p in policy.parameters())
+            print(f"{'ZeRO-3: policy partitioned' if partitioned else 'FSDP2: policy sharded'} over "
+                  f"{accelerator.num_processes} processes; rank 0 holds {local:,} of {total_params:,} parameters", flush=True)
+    elif zero3.launcher_asks():  # one process of a DeepSpeed launch: nothing to partition, and accelerate's own
+        wrapped = policy  # DeepSpeed wrapping would step and clip at every micro-batch beneath r1pipe's step
     else:
         wrapped, optimizer = accelerator.prepare(policy, optimizer)
     logger = MetricsLogger(out_dir, total, start_step=start, enabled=accelerator.is_main_process,

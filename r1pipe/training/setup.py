@@ -55,7 +55,7 @@ def frozen_copy(policy: DeepSeekPolicy) -> DeepSeekPolicy:
 
 def frozen_reference(policy, saved: Path | None = None, device="cpu"):
     """The frozen KL reference: the one saved with a resumed checkpoint (`saved`), else a copy of the policy;
-    sharded over the policy's ranks when the policy is (FSDP2: no optimizer, forwards are collectives)."""
+    sharded over the policy's ranks when the policy is (FSDP2 or ZeRO-3: no optimizer, forwards are collectives)."""
     from r1pipe.training import fsdp
 
     sharded = fsdp.is_sharded(policy)
@@ -65,7 +65,13 @@ def frozen_reference(policy, saved: Path | None = None, device="cpu"):
     else:
         reference = fsdp.unsharded_copy(policy, "cpu") if sharded else frozen_copy(policy)
     reference.requires_grad_(False).eval()
-    return fsdp.shard(reference, mesh=fsdp.mesh_of(policy)) if sharded else reference
+    if not sharded:
+        return reference
+    from r1pipe.training import zero3
+
+    if zero3.is_partitioned(policy):  # its own ZeRO-3 engine, without an optimizer: forwards gather like the policy's
+        return zero3.partition_frozen(reference)
+    return fsdp.shard(reference, mesh=fsdp.mesh_of(policy))
 
 
 def policy_from_state(config, state: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]) -> DeepSeekPolicy:

@@ -1,4 +1,5 @@
-"""The 2-process side of test_fsdp.py, started by `accelerate launch --config_file recipes/accelerate/fsdp2.yaml`:
+"""The 2-process side of test_fsdp.py and test_zero3.py, started by `accelerate launch --config_file
+recipes/accelerate/fsdp2.yaml` (or zero3.yaml):
 
     fsdp_worker.py OUT RESUMED RECIPE.yaml [RECIPE.yaml ...]
 

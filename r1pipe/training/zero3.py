@@ -1,0 +1,235 @@
+"""DeepSpeed ZeRO-3: the policy, its AdamW state and the frozen reference partitioned over the processes by
+DeepSpeed's engine, driven by r1pipe's own step (`accelerate launch --config_file recipes/accelerate/zero3.yaml`).
+
+accelerate would let the engine own accumulation (a fixed count; r1pipe's token-budget micro-batches vary per
+step and rank), so r1pipe builds the engine itself (`deepspeed.initialize`, one optimizer step per call of its
+step) and marks each micro-batch's backward as the step's last or not. Clipping happens inside the engine's step
+at `optim.max_grad_norm` (DeepSpeed's own default, 1.0, would clip silently otherwise); the norm the stages log
+and check for NaN/inf is computed first from the gradient partitions, so a non-finite step is skipped before
+the engine applies it. ZeRO-3 keeps float32 master copies of the weights in its optimizer whatever the model
+dtype (DeepSpeed's design), unlike the single-process and FSDP2 paths, which step the model's own tensors.
+
+What leaves a rank whole, as for FSDP2: `full_state_items` (rollout weights, every rank), `unsharded_copy`
+(checkpoints and the KL reference's start), `gathered_optimizer` (the plain AdamW layout a one-process run
+writes); `optimizer_loader` scatters such a state back into the partitions. The float32 master weights are not
+saved: a resumed bf16 run restarts them from the checkpoint's bf16 weights (an fp32 run resumes exactly).
+"""
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+# accelerate's DeepSpeed settings r1pipe does not apply: refused rather than ignored
+_UNSUPPORTED = {
+    "ACCELERATE_DEEPSPEED_CONFIG_FILE": "deepspeed_config_file (r1pipe builds DeepSpeed's config from the recipe)",
+    "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "offload_optimizer_device",
+    "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "offload_param_device",
+}
+
+
+def launcher_asks() -> bool:
+    """`accelerate launch` with a DeepSpeed config (it exports ACCELERATE_USE_DEEPSPEED)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true")
+
+
+def requested(recipe, num_processes: int) -> bool:
+    """Partition with ZeRO-3 when the accelerate launcher asks for DeepSpeed (stage 3 only) and there is more
+    than one process."""
+    if not launcher_asks():
+        return False
+    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "unset")
+    if stage != "3":
+        raise ValueError(f"the accelerate config asks for DeepSpeed ZeRO stage {stage}; r1pipe drives stage 3 only "
+                         "(zero_stage: 3, as in recipes/accelerate/zero3.yaml); for data parallelism use ddp.yaml")
+    for variable, setting in _UNSUPPORTED.items():
+        if os.environ.get(variable, "none").lower() not in ("", "none"):
+            raise ValueError(f"the accelerate DeepSpeed config sets {setting}, which r1pipe does not apply; remove it "
+                             "(see recipes/accelerate/zero3.yaml)")
+    if recipe.train.fsdp:
+        raise ValueError("train.fsdp: true under a DeepSpeed launch: pick one of FSDP2 and ZeRO-3")
+    if recipe.model.dtype == "float16":  # DeepSpeed's fp16 mode scales the loss and skips steps on its own
+        raise ValueError("model.dtype: float16 under DeepSpeed ZeRO-3 is not supported; use bfloat16 or float32")
+    if recipe.model.lora_rank > 0:
+        raise ValueError("DeepSpeed ZeRO-3 with LoRA (model.lora_rank > 0) is not supported: launch LoRA runs with "
+                         "recipes/accelerate/ddp.yaml (the adapters' optimizer state is small anyway)")
+    return num_processes > 1
+
+
+def engine_config(max_grad_norm: float, dtype: torch.dtype = torch.float32) -> dict:
+    return {
+        # bf16 weights: DeepSpeed's bf16 mode (bf16 compute and reduce-scatter, float32 master partitions)
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "train_micro_batch_size_per_gpu": 1,  # (bookkeeping only: r1pipe feeds packed micro-batches itself)
+        "gradient_accumulation_steps": 1,  # every step's last micro-batch is marked as the boundary instead
+        "gradient_clipping": float(max_grad_norm),
+        "zero_optimization": {"stage": 3},
+        "zero_allow_untested_optimizer": True,  # torch's AdamW, the same optimizer as every other path
+        "steps_per_print": 2**31 - 1,
+    }
+
+
+def partition(policy: nn.Module, optimizer, max_grad_norm: float):
+    """The policy inside a ZeRO-3 engine stepping `optimizer` (a torch AdamW over its parameters)."""
+    import deepspeed
+
+    config = engine_config(max_grad_norm, next(policy.parameters()).dtype)
+    engine, *_ = deepspeed.initialize(model=policy, optimizer=optimizer, config=config)
+    return engine
+
+
+def partition_frozen(model: nn.Module):
+    """A frozen model (the KL reference) partitioned the same way, without an optimizer; returns its engine
+    (forwards gather each layer's weights, as the policy's do)."""
+    import deepspeed
+
+    config = engine_config(0.0, next(model.parameters()).dtype)
+    del config["zero_allow_untested_optimizer"]
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    return engine
+
+
+def is_partitioned(model) -> bool:
+    try:
+        first = next(module_of(model).parameters())
+    except StopIteration:
+        return False
+    return hasattr(first, "ds_id")
+
+
+def is_engine(model) -> bool:
+    return hasattr(model, "module") and hasattr(model, "set_gradient_accumulation_boundary")
+
+
+def module_of(model) -> nn.Module:
+    return model.module if is_engine(model) else model
+
+
+def full_state_items(model):
+    """(key, full tensor) over the module's state_dict, each parameter gathered in turn (a collective per
+    parameter: every rank iterates it whole)."""
+    import deepspeed
+
+    module = module_of(model)
+    params = dict(module.named_parameters())
+    buffers = dict(module.named_buffers())
+    for key in module.state_dict():
+        if key in params:
+            with deepspeed.zero.GatheredParameters([params[key]]):
+                yield key, params[key].detach().clone()
+        else:
+            yield key, buffers[key]
+
+
+def unsharded_copy(model, device=None, keep: bool = True):
+    """A plain frozen DeepSeekPolicy with the full weights (collective), on `device`; None where `keep` is False."""
+    from r1pipe.training.setup import policy_from_state
+
+    module = module_of(model)
+    # copies, never views: a buffer (the balancing bias) is the model's own, and would follow its updates
+    state = {}
+    for key, tensor in full_state_items(module):
+        if keep:
+            state[key] = tensor.detach().to(device if device is not None else tensor.device, copy=True)
+    if not keep:
+        return None
+    buffers = {name: b.detach().to(device if device is not None else b.device, copy=True) for name, b in module.named_buffers()}
+    plain = policy_from_state(module.config, state, buffers)
+    plain.gradient_checkpointing = module.gradient_checkpointing
+    return plain
+
+
+class EngineStep:
+    """What the stages step and zero: the engine's optimizer step (clipping at `gradient_clipping`, then AdamW
+    on this rank's partitions). `param_groups` are the AdamW groups the learning-rate scheduler sets."""
+
+    def __init__(self, engine, base_optimizer):
+        self.engine, self.base = engine, base_optimizer
+
+    @property
+    def param_groups(self):
+        return self.base.param_groups
+
+    def step(self) -> None:
+        self.engine.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.engine.optimizer.zero_grad(set_to_none=set_to_none)
+
+
+def _adam_step(engine) -> torch.Tensor | None:
+    states = list(engine.optimizer.optimizer.state.values())
+    return states[0]["step"].detach().clone() if states and "step" in states[0] else None
+
+
+def gathered_optimizer(optimizer: EngineStep, keep: bool = True):
+    """The optimizer's state in the layout of a plain torch AdamW over the module's parameters (collective)."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    engine = optimizer.engine
+    params = list(module_of(engine).parameters())
+    step = _adam_step(engine)  # None before AdamW's first step (its state is created then), on every rank alike
+    state = {}
+    for i, p in enumerate(params if step is not None else []):
+        entries = {k: safe_get_full_optimizer_state(p, k) for k in ("exp_avg", "exp_avg_sq")}
+        if keep:
+            state[i] = {"step": step.clone(), **{k: v.detach().cpu().clone() for k, v in entries.items()}}
+    if not keep:
+        return None
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": list(range(len(params)))}
+              for g in optimizer.base.param_groups]
+    saved = {"state": state, "param_groups": groups}
+    return SimpleNamespace(state_dict=lambda: saved)
+
+
+def optimizer_loader(optimizer: EngineStep):
+    """An object whose `load_state_dict(full)` scatters a plain AdamW state (gathered, or single-process) into
+    the engine's partitions."""
+    from deepspeed.utils import safe_set_full_optimizer_state
+
+    def load_state_dict(saved: dict) -> None:
+        if saved["state"]:
+            _create_adam_state(optimizer)
+        params = list(module_of(optimizer.engine).parameters())
+        for i, p in enumerate(params):
+            entries = saved["state"].get(i, saved["state"].get(str(i)))
+            if entries is None:
+                continue
+            for key in ("exp_avg", "exp_avg_sq"):
+                safe_set_full_optimizer_state(p, entries[key].to(p.device), key)
+        steps = [e["step"] for e in saved["state"].values() if "step" in e]
+        for s in optimizer.engine.optimizer.optimizer.state.values():
+            if steps:
+                s["step"] = torch.as_tensor(steps[0], dtype=s["step"].dtype, device=s["step"].device).clone()
+        for group, loaded in zip(optimizer.base.param_groups, saved["param_groups"]):
+            group.update({k: v for k, v in loaded.items() if k != "params"})
+
+    return SimpleNamespace(load_state_dict=load_state_dict)
+
+
+def _create_adam_state(optimizer: EngineStep) -> None:
+    """torch's AdamW creates its state at the first step; a resumed run fills it before that: create it (zeros)
+    for each of the engine's float32 partitions, as AdamW would."""
+    base, zero = optimizer.base, optimizer.engine.optimizer
+    for sub_group, flat in enumerate(zero.fp32_partitioned_groups_flat):
+        group = base.param_groups[zero.sub_group_to_group_id[sub_group]]
+        on_device = bool(group.get("fused") or group.get("capturable"))
+        state = base.state[flat]
+        if "exp_avg" not in state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=flat.device if on_device else "cpu")
+            state["exp_avg"] = torch.zeros_like(flat, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(flat, memory_format=torch.preserve_format)
+
+
+def grad_norm(parameters) -> float:
+    """The global L2 norm of the step's gradients (after the last micro-batch's backward), from each rank's
+    partitions: the same on every rank. Not clipped here: the engine's step clips."""
+    from deepspeed.utils import safe_get_local_grad
+
+    local = [g for g in (safe_get_local_grad(p) for p in parameters) if g is not None]
+    device = local[0].device if local else torch.device("cpu")
+    squares = torch.stack([g.float().norm().double() ** 2 for g in local]).sum() if local else torch.zeros((), dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(squares)
+    return float(squares.sqrt())
