@@ -1,9 +1,10 @@
-"""The GRPO policy-update step on one GPU and sharded over several (FSDP2, DDP), launched through accelerate.
+"""The GRPO policy-update step on one GPU and over several (FSDP2, DDP, ZeRO-3), launched through accelerate.
 
 The same policy and synthetic global batch as `bench_grpo_step.py` (DeepSeek-V2-Lite's shape cut to `--layers`
 layers, bf16, random weights; `--seqs` sequences in groups of `--group`). Each configuration runs in its own
 `accelerate launch` of this script (`--worker`), which sets up like the GRPO stage's session does (shard the
-policy with `r1pipe.training.fsdp` before the optimizer, the reference sharded over the same ranks, or DDP
+policy with `r1pipe.training.fsdp` before the optimizer, the reference sharded over the same ranks; or ZeRO-3's
+engine (`r1pipe.training.zero3`); or DDP
 through `accelerator.prepare`), gives each rank whole groups of the batch (as the stage's prompt split does) and
 runs the stage's own `update_policy`, then the MoE bias update from loads summed over ranks. Timed: median of
 `--steps` steps after `--warmup`. Configurations (`--configs`):
@@ -11,7 +12,9 @@ runs the stage's own `update_policy`, then the MoE bias update from loads summed
 - `1gpu`: one process, nothing sharded (the single-GPU baseline the speed-ups divide);
 - `fsdp2x2`: `--config_file recipes/accelerate/fsdp2.yaml --num_processes 2`;
 - `fsdp2x2-keep`: that with `--fsdp_reshard_after_forward false` (fewer all-gathers, full weights in memory);
-- `ddp2`: `--config_file recipes/accelerate/ddp.yaml --num_processes 2` (replicated weights and optimizer).
+- `ddp2`: `--config_file recipes/accelerate/ddp.yaml --num_processes 2` (replicated weights and optimizer);
+- `zero3x2`: `--config_file recipes/accelerate/zero3.yaml --num_processes 2` (DeepSpeed ZeRO-3; not in the
+  default list: it has not run on GPUs yet).
 
 Equality: the step's loss and gradient norm (reduced over ranks like the stage's logged metrics) of the first
 two steps, and every completion token's log-prob after one update (`--lr`, default 1e-4: large enough that
@@ -42,6 +45,7 @@ CONFIGS = {  # name -> accelerate launch flags
     "1gpu": ["--num_processes", "1"],
     "fsdp2x2": ["--config_file", str(ROOT / "recipes/accelerate/fsdp2.yaml"), "--num_processes", "2"],
     "ddp2": ["--config_file", str(ROOT / "recipes/accelerate/ddp.yaml"), "--num_processes", "2"],
+    "zero3x2": ["--config_file", str(ROOT / "recipes/accelerate/zero3.yaml"), "--num_processes", "2"],
 }
 # the layers' gathered weights kept from each forward to its backward (and the reference's for good):
 # fewer all-gathers for full weights' memory, sharded gradients and optimizer state (ZeRO-2-like)
@@ -60,7 +64,7 @@ def worker(args) -> None:
     from r1pipe.recipe import Recipe
     from r1pipe.stages.grpo import GRPORun, update_policy
     from r1pipe.stages.grpo_sampling import all_sum
-    from r1pipe.training import fsdp
+    from r1pipe.training import fsdp, zero3
     from r1pipe.training.optim import build_optimizer
     from r1pipe.training.packing import pack_sequences, placeholder_batch
     from r1pipe.training.setup import frozen_reference
@@ -80,12 +84,16 @@ def worker(args) -> None:
     recipe.rollout.max_tokens = args.seq_len
     recipe.train.micro_batch_tokens = args.micro_tokens
     recipe.optim.lr = args.lr
-    sharded = fsdp.requested(recipe, acc.num_processes)
-    if sharded:  # before the optimizer, as the session does
+    partitioned = zero3.requested(recipe, acc.num_processes)  # as the session decides
+    sharded = partitioned or fsdp.requested(recipe, acc.num_processes)
+    if sharded and not partitioned:  # before the optimizer, as the session does
         fsdp.shard(policy, device_type=acc.device.type)
-    reference = frozen_reference(policy)
     optimizer, scheduler = build_optimizer(policy.parameters(), recipe.optim, 1000)
     wrapped = policy if sharded or acc.num_processes == 1 else acc.prepare(policy)
+    if partitioned:
+        wrapped = zero3.partition(policy, optimizer, recipe.optim.max_grad_norm)
+        optimizer = zero3.EngineStep(wrapped, optimizer)
+    reference = frozen_reference(policy)
     run = GRPORun(recipe, acc, wrapped, reference, SimpleNamespace(pad_token_id=0), None, None, optimizer, scheduler,
                   rows=[], prompt_ids=[])
     batches = pack_sequences(prompts, completions, args.micro_tokens)
@@ -151,10 +159,11 @@ def worker(args) -> None:
     out = Path(args.out)
     torch.save({"before": before, "after_one": after_one}, out / f"logprobs_{args.config}_rank{acc.process_index}.pt")
     if acc.is_main_process:
-        local = sum(fsdp._local(p).numel() for p in policy.parameters())
+        local = sum(p.ds_tensor.numel() if partitioned else fsdp._local(p).numel() for p in policy.parameters())
         result = {"config": args.config, "processes": acc.num_processes, "sharded": sharded, "step_s": float(worst[0]),
                   "peak_gib": float(worst[1]), "micro_batches": len(batches), "steps": logged,
-                  "rank0_parameters": local, "parameters": sum(p.numel() for p in policy.parameters()),
+                  "rank0_parameters": local,
+                  "parameters": sum(p.ds_numel if partitioned else p.numel() for p in policy.parameters()),
                   "tokens": all_sum(acc, sum(len(p) + len(c) for p, c in zip(prompts, completions)))}
         print("RESULT " + json.dumps(result), flush=True)
     else:
