@@ -1,7 +1,7 @@
 """scripts/bench_fsdp_step.py on the CPU (gloo) with the tiny V2 policy: the script runs end to end through
-`accelerate launch` and its premise holds: the 2-process FSDP2 (and ZeRO-3) runs shard the policy (each rank holds half),
-and its losses, gradient norms and post-update log-probs equal the 1-process run's on the same global batch,
-by a margin far below how far one update moves the log-probs (the scale a wrong step would show at)."""
+`accelerate launch` and its premise holds: the 2-process FSDP2 and ZeRO-3 runs shard the policy (each rank
+holds half), and their losses, gradient norms and post-update log-probs equal the 1-process run's on the same
+global batch, by a margin far below how far one update moves the log-probs (the scale a wrong step would show at)."""
 from __future__ import annotations
 
 import importlib.util
