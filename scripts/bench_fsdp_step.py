@@ -38,7 +38,7 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_grpo_step import DEVICE, build_policy, synthetic_rollouts, sync  # noqa: E402
+from bench_grpo_step import DEVICE, add_step_arguments, build_policy, synthetic_rollouts, sync  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {  # name -> accelerate launch flags
@@ -238,20 +238,10 @@ def main():
     ap.add_argument("--configs", default="1gpu,fsdp2x2,fsdp2x2-keep,ddp2")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--config", help=argparse.SUPPRESS)
-    ap.add_argument("--layers", type=int, default=6)
-    ap.add_argument("--seqs", type=int, default=64)
-    ap.add_argument("--group", type=int, default=8)
-    ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--micro-tokens", type=int, default=16384)
-    ap.add_argument("--loss-type", default="grpo")
+    add_step_arguments(ap, steps=5)
     ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--port", type=int, default=29533)
     ap.add_argument("--profile", action="store_true", help="write rank 0's per-kernel profile of one step to OUT/profile_CONFIG.txt")
-    ap.add_argument("--tiny", action="store_true", help="the tiny V2 policy (a CPU smoke test of this script)")
-    ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     if args.worker:

@@ -377,26 +377,31 @@ def rollout_tokens_per_s(args, policy, prompts) -> dict:
     return out
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--impls", default="r1pipe,r1pipe-twins,r1pipe-offload,r1pipe-lowmem,trl,trl-gc,trl-liger")
-    ap.add_argument("--impl", help=argparse.SUPPRESS)
+def add_step_arguments(ap: argparse.ArgumentParser, steps: int) -> None:
+    """The policy, synthetic batch and timing options of a GRPO-step benchmark (this one, bench_fsdp_step.py)."""
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--seqs", type=int, default=64)
     ap.add_argument("--group", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--micro-tokens", type=int, default=16384)  # the recipe default
-    ap.add_argument("--trl-micro-seqs", type=int, default=32)  # ~the same tokens per micro-batch, padded
     ap.add_argument("--loss-type", default="grpo")
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--rollout", type=int, default=64, help="prompts for the GPU rollout measurement (0: skip)")
-    ap.add_argument("--rollout-tokens", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=steps)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--profile", action="store_true", help="write a per-kernel profile of one step to OUT/profile_IMPL.txt")
-    ap.add_argument("--memory", action="store_true", help="write what is alive at one step's peak memory to OUT/memory_IMPL.txt")
     ap.add_argument("--tiny", action="store_true", help="the tiny V2 policy (a CPU smoke test of this script)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--impls", default="r1pipe,r1pipe-twins,r1pipe-offload,r1pipe-lowmem,trl,trl-gc,trl-liger")
+    ap.add_argument("--impl", help=argparse.SUPPRESS)
+    add_step_arguments(ap, steps=3)
+    ap.add_argument("--trl-micro-seqs", type=int, default=32)  # ~the same tokens per micro-batch, padded
+    ap.add_argument("--rollout", type=int, default=64, help="prompts for the GPU rollout measurement (0: skip)")
+    ap.add_argument("--rollout-tokens", type=int, default=256)
+    ap.add_argument("--profile", action="store_true", help="write a per-kernel profile of one step to OUT/profile_IMPL.txt")
+    ap.add_argument("--memory", action="store_true", help="write what is alive at one step's peak memory to OUT/memory_IMPL.txt")
     args = ap.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     if args.impl:
