@@ -90,7 +90,10 @@ def grpo_step(run: GRPORun, step: int) -> dict:
         ratio = loads.max(-1).values / loads.mean(-1).clamp(min=1e-9)
         metrics.update({f"expert_load_max_over_mean/layer{i}": r.item() for i, r in enumerate(ratio)})
     if rc.grpo.ref_reset_every and run.reference is not None and (step + 1) % rc.grpo.ref_reset_every == 0:
-        run.reference.load_state_dict(model.state_dict())
+        if zero3.is_partitioned(model):  # (a partitioned state_dict holds no weights)
+            zero3.copy_weights(run.reference, model)
+        else:
+            run.reference.load_state_dict(model.state_dict())
     t2 = time.time()
     run.engine.sync_weights(rollout_weights(model))  # experts travel packed, per layer; LoRA merged
     metrics["sync_s"] = Max(time.time() - t2)
@@ -343,9 +346,6 @@ def run(recipe, resume: bool = False, max_steps: int | None = None) -> Path:
     if rc.rollout.server_url is not None and acc.num_processes > 1:
         raise ValueError("rollout.server_url with several processes: every rank would push its weights into one "
                          "server; leave server_url unset (each rank starts its own) or train with one process")
-    if rc.grpo.ref_reset_every and zero3.is_partitioned(policy):
-        raise ValueError("grpo.ref_reset_every under DeepSpeed ZeRO-3 is not supported (the reference's partitions "
-                         "would need the policy's copied in); use FSDP2 (recipes/accelerate/fsdp2.yaml) or leave it 0")
     reference = None
     if rc.grpo.beta and is_lora(policy):  # the base with adapters off: no second model in memory
         reference = base_reference(policy, rc.grpo.ref_reset_every)

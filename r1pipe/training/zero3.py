@@ -141,6 +141,20 @@ def unsharded_copy(model, device=None, keep: bool = True):
     return plain
 
 
+def copy_weights(reference, policy) -> None:
+    """The reference takes the policy's current weights (`grpo.ref_reset_every`): both are partitioned alike
+    (same shapes, same ranks), so each rank copies its own partitions, and the buffers; no communication."""
+    target, source = module_of(reference), module_of(policy)
+    with torch.no_grad():
+        for (name, t), (other, s) in zip(target.named_parameters(), source.named_parameters(), strict=True):
+            assert name == other and t.ds_tensor.shape == s.ds_tensor.shape, (name, other)
+            t.ds_tensor.copy_(s.ds_tensor)
+            if getattr(t, "ds_persist", False):  # small ones stay gathered on every rank: their whole copy too
+                t.data.copy_(s.data)  # (the policy's is current: its engine gathers them after each step)
+        for (name, t), (other, s) in zip(target.named_buffers(), source.named_buffers(), strict=True):
+            t.copy_(s)
+
+
 class EngineStep:
     """What the stages step and zero: the engine's optimizer step (clipping at `gradient_clipping`, then AdamW
     on this rank's partitions). `param_groups` are the AdamW groups the learning-rate scheduler sets."""

@@ -10,7 +10,9 @@ and checks that the policy is partitioned (rank 0 holds half its elements); that
 norm of every step equal the 1-process run's; the final checkpoint tensor by tensor (the engine steps float32
 master partitions with torch's AdamW: within 1e-4 after 2 steps), the step-2 checkpoint's reference exactly and
 its gathered optimizer state (the plain AdamW layout); and that `--resume` from the 2-process step-1 checkpoint
-ends bit for bit where the uninterrupted 2-process run did. Process-free: which DeepSpeed configs are refused.
+ends bit for bit where the uninterrupted 2-process run did. Also: `grpo.ref_reset_every` under ZeRO-3 (the
+reference equals the policy after each reset, and the 1-process run's reference); a skipped NaN step leaves no
+gradient in the partitions; which DeepSpeed configs are refused (process-free).
 """
 from __future__ import annotations
 
@@ -154,3 +156,26 @@ def test_zero3_skipped_nonfinite_step_leaves_no_gradients_behind(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     diff = float(next(ln for ln in proc.stdout.splitlines() if ln.startswith("MAXDIFF")).split()[1])
     assert diff < 1e-5, f"after a skipped step ZeRO-3's weights are {diff:.2e} from the plain run's"
+
+
+def test_zero3_reference_reset_equals_one_process(tmp_path):
+    # grpo.ref_reset_every: each rank copies the policy's partitions (and its gathered small parameters) into
+    # the reference's; step 2's forward then sees a reference equal to the policy (KL 0; ~0.02 without the reset)
+    def recipe(root: Path) -> Path:
+        root.mkdir()
+        return grpo_recipe(root, "reset", model={"init": "tiny"}, grpo={"ref_reset_every": 1},
+                           train={"max_steps": 2, "micro_batch_tokens": 98, "save_every": 1})
+
+    two, one = recipe(tmp_path / "two"), recipe(tmp_path / "one")
+    with accelerate_launch("--config_file", str(CONFIG), "-m", "r1pipe.train", str(two)):
+        run_train(one)
+    want, got = _metrics(tmp_path / "one" / "reset"), _metrics(tmp_path / "two" / "reset")
+    assert abs(want[1]["kl"]) < 1e-9 and abs(got[1]["kl"]) < 1e-9, (want[1]["kl"], got[1]["kl"])
+    assert math.isclose(want[1]["loss"], got[1]["loss"], rel_tol=1e-4, abs_tol=1e-7)
+    step1, step2 = (tmp_path / "two" / "reset" / "checkpoints" / f"step-{s}" for s in (1, 2))
+    policy1 = load_file(str(step1 / "policy" / "model.safetensors"))
+    _check_tensors("reference after step 1", policy1, load_file(str(step1 / "reference" / "model.safetensors")), atol=0)
+    _check_tensors("reference after step 2", load_file(str(step2 / "policy" / "model.safetensors")),
+                   load_file(str(step2 / "reference" / "model.safetensors")), atol=0)
+    one_ref = load_file(str(tmp_path / "one" / "reset" / "checkpoints" / "step-2" / "reference" / "model.safetensors"))
+    _check_tensors("reference vs 1 process", one_ref, load_file(str(step2 / "reference" / "model.safetensors")), atol=1e-4)
