@@ -159,11 +159,10 @@ def worker(args) -> None:
     out = Path(args.out)
     torch.save({"before": before, "after_one": after_one}, out / f"logprobs_{args.config}_rank{acc.process_index}.pt")
     if acc.is_main_process:
-        local = sum(p.ds_tensor.numel() if partitioned else fsdp._local(p).numel() for p in policy.parameters())
+        local, whole = fsdp.parameter_counts(policy)
         result = {"config": args.config, "processes": acc.num_processes, "sharded": sharded, "step_s": float(worst[0]),
                   "peak_gib": float(worst[1]), "micro_batches": len(batches), "steps": logged,
-                  "rank0_parameters": local,
-                  "parameters": sum(p.ds_numel if partitioned else p.numel() for p in policy.parameters()),
+                  "rank0_parameters": local, "parameters": whole,
                   "tokens": all_sum(acc, sum(len(p) + len(c) for p, c in zip(prompts, completions)))}
         print("RESULT " + json.dumps(result), flush=True)
     else:

@@ -19,8 +19,8 @@ from r1pipe.grpo import clipped_policy_loss, group_advantages, truncated_is_weig
 from r1pipe.rollout.types import logprob_mismatch
 from r1pipe.training.lora import base_reference, is_lora, rollout_weights
 from r1pipe.stages.grpo_sampling import all_sum, sample_stats, sample_step
-from r1pipe.training import zero3
-from r1pipe.training.fsdp import accumulating, backward, clip_grad_norm, is_sharded, placeholder_count, unsharded_copy
+from r1pipe.training.fsdp import (accumulating, backward, clip_grad_norm, copy_weights, is_sharded, placeholder_count,
+                                  unsharded_copy)
 from r1pipe.training.offload import is_offloaded, offload_layers
 from r1pipe.training.packing import pack_sequences, placeholder_batch, placeholder_loss
 from r1pipe.training.setup import frozen_reference
@@ -90,10 +90,7 @@ def grpo_step(run: GRPORun, step: int) -> dict:
         ratio = loads.max(-1).values / loads.mean(-1).clamp(min=1e-9)
         metrics.update({f"expert_load_max_over_mean/layer{i}": r.item() for i, r in enumerate(ratio)})
     if rc.grpo.ref_reset_every and run.reference is not None and (step + 1) % rc.grpo.ref_reset_every == 0:
-        if zero3.is_partitioned(model):  # (a partitioned state_dict holds no weights)
-            zero3.copy_weights(run.reference, model)
-        else:
-            run.reference.load_state_dict(model.state_dict())
+        copy_weights(run.reference, model)
     t2 = time.time()
     run.engine.sync_weights(rollout_weights(model))  # experts travel packed, per layer; LoRA merged
     metrics["sync_s"] = Max(time.time() - t2)

@@ -14,7 +14,8 @@ Buffers (the MoE balancing bias) are not sharded: every rank updates its copy fr
 
 The stages call these same functions under DeepSpeed ZeRO-3 (`r1pipe.training.zero3`): `is_sharded`,
 `full_state_items`, `unsharded_copy`, `gathered_optimizer`, `sharding_loader`, `clip_grad_norm`,
-`accumulating` and `backward` hand a ZeRO-3 model, engine or optimizer to their twin there.
+`parameter_counts`, `copy_weights`, `accumulating` and `backward` hand a ZeRO-3 model, engine or optimizer to
+their twin there.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from r1pipe.training import zero3
 
 
 def _launcher_asks(variable: str) -> bool:
-    """A switch `accelerate launch` exports from its config file (ACCELERATE_USE_FSDP, ..._DEEPSPEED)."""
+    """A switch `accelerate launch` exports from its config file (ACCELERATE_USE_FSDP)."""
     return os.environ.get(variable, "false").lower() in ("1", "true")
 
 
@@ -172,22 +173,43 @@ def clip_grad_norm(acc, parameters, max_norm: float) -> float:
     from torch.distributed.tensor import DTensor
 
     parameters = list(parameters)
-    if parameters and hasattr(parameters[0], "ds_id"):  # ZeRO-3: the engine's step clips at gradient_clipping
-        return zero3.grad_norm(parameters)
+    if parameters and zero3.is_partitioned_param(parameters[0]):  # the engine's step clips at gradient_clipping
+        return _global_norm(zero3.local_grads(parameters), group=None)
     grads = [p.grad for p in parameters if p.grad is not None]
     if not any(isinstance(g, DTensor) for g in grads):
         return float(acc.clip_grad_norm_(parameters, max_norm))
     local = [_local(g) for g in grads]
-    # one fused pass over the shards (float32 norms, whatever the gradients' dtype), squared in float64: not a
-    # float64 copy of every gradient (at 1.7B parameters a rank that was 10 ms of a 0.3 s step on an H200)
-    norms = torch._foreach_norm(local, 2, dtype=torch.float32)
-    squares = torch.stack(norms).double().pow(2).sum()
-    torch.distributed.all_reduce(squares, group=grads[0].device_mesh.get_group())
-    total = math.sqrt(float(squares))
+    total = _global_norm(local, group=grads[0].device_mesh.get_group())
     coef = min(max_norm / (total + 1e-6), 1.0)
     if coef < 1.0:
         torch._foreach_mul_(local, coef)
     return total
+
+
+def _global_norm(local: list[torch.Tensor], group) -> float:
+    """The L2 norm over every rank's gradient pieces `local` (the same on every rank). One fused pass over
+    them (float32 norms, whatever their dtype), squared in float64: not a float64 copy of every gradient (at
+    1.7B parameters a rank that was 10 ms of a 0.3 s step on an H200)."""
+    norms = torch._foreach_norm(local, 2, dtype=torch.float32)
+    squares = torch.stack(norms).double().pow(2).sum()
+    torch.distributed.all_reduce(squares, group=group)
+    return math.sqrt(float(squares))
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """(elements of the parameters this rank holds, elements of the whole model): FSDP2 or ZeRO-3."""
+    if zero3.is_partitioned(model):
+        return zero3.parameter_counts(model)
+    params = list(model.parameters())
+    return sum(_local(p).numel() for p in params), sum(p.numel() for p in params)
+
+
+def copy_weights(reference, policy) -> None:
+    """The reference takes the policy's current weights (`grpo.ref_reset_every`), sharded alike or not."""
+    if zero3.is_partitioned(policy):  # (a partitioned state_dict holds no weights)
+        zero3.copy_weights(reference, policy)
+    else:
+        reference.load_state_dict(policy.state_dict())
 
 
 def placeholder_count(acc, n_batches: int, sharded: bool) -> int:

@@ -92,8 +92,7 @@ def open_session(recipe, resume: bool, max_steps: int | None, total_steps: int |
     if sharded:  # accelerate neither wraps the model (DDP) nor the optimizer: the same path on CPU and GPU
         wrapped = engine if partitioned else policy
         if accelerator.is_main_process:
-            local = sum(p.ds_tensor.numel() if partitioned else p.to_local().numel() for p in policy.parameters())
-            total_params = sum(p.ds_numel if partitioned else p.numel() for p in policy.parameters())
+            local, total_params = fsdp.parameter_counts(policy)
             print(f"{'ZeRO-3: policy partitioned' if partitioned else 'FSDP2: policy sharded'} over "
                   f"{accelerator.num_processes} processes; rank 0 holds {local:,} of {total_params:,} parameters", flush=True)
     elif zero3.launcher_asks():  # one process of a DeepSpeed launch: nothing to partition, and accelerate's own

@@ -91,12 +91,13 @@ def partition_frozen(model: nn.Module):
     return engine
 
 
+def is_partitioned_param(p: torch.Tensor) -> bool:
+    return hasattr(p, "ds_id")
+
+
 def is_partitioned(model) -> bool:
-    try:
-        first = next(module_of(model).parameters())
-    except StopIteration:
-        return False
-    return hasattr(first, "ds_id")
+    first = next(module_of(model).parameters(), None)
+    return first is not None and is_partitioned_param(first)
 
 
 def is_engine(model) -> bool:
@@ -237,13 +238,14 @@ def _create_adam_state(optimizer: EngineStep) -> None:
             state["exp_avg_sq"] = torch.zeros_like(flat, memory_format=torch.preserve_format)
 
 
-def grad_norm(parameters) -> float:
-    """The global L2 norm of the step's gradients (after the last micro-batch's backward), from each rank's
-    partitions: the same on every rank. Not clipped here: the engine's step clips."""
+def local_grads(parameters) -> list[torch.Tensor]:
+    """This rank's partitions of the step's gradients (after the last micro-batch's backward)."""
     from deepspeed.utils import safe_get_local_grad
 
-    local = [g for g in (safe_get_local_grad(p) for p in parameters) if g is not None]
-    device = local[0].device if local else torch.device("cpu")
-    squares = torch.stack([g.float().norm().double() ** 2 for g in local]).sum() if local else torch.zeros((), dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(squares)
-    return float(squares.sqrt())
+    return [g for g in (safe_get_local_grad(p) for p in parameters) if g is not None]
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """(elements this rank holds, elements of the whole model)."""
+    params = list(module_of(model).parameters())
+    return sum(p.ds_tensor.numel() for p in params), sum(p.ds_numel for p in params)
