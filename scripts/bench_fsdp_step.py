@@ -14,7 +14,12 @@ runs the stage's own `update_policy`, then the MoE bias update from loads summed
 - `fsdp2x2-keep`: that with `--fsdp_reshard_after_forward false` (fewer all-gathers, full weights in memory);
 - `ddp2`: `--config_file recipes/accelerate/ddp.yaml --num_processes 2` (replicated weights and optimizer);
 - `zero3x2`: `--config_file recipes/accelerate/zero3.yaml --num_processes 2` (DeepSpeed ZeRO-3; not in the
-  default list: it has not run on GPUs yet).
+  default list: it has not run on two GPUs yet);
+- `zero3x1`, `fsdp2x1`: those configs in one process, with the engine / sharding forced on (a one-process launch
+  of the GRPO stage trains unwrapped): each path's set-up, reference and step on one GPU, against `1gpu`.
+
+Sharded configs start from the policy on the host, as the session loads it (FSDP2 moves each layer to the GPU as
+it shards it, ZeRO-3 each parameter as it partitions it).
 
 Equality: the step's loss and gradient norm (reduced over ranks like the stage's logged metrics) of the first
 two steps, and every completion token's log-prob after one update (`--lr`, default 1e-4: large enough that
@@ -46,6 +51,8 @@ CONFIGS = {  # name -> accelerate launch flags
     "fsdp2x2": ["--config_file", str(ROOT / "recipes/accelerate/fsdp2.yaml"), "--num_processes", "2"],
     "ddp2": ["--config_file", str(ROOT / "recipes/accelerate/ddp.yaml"), "--num_processes", "2"],
     "zero3x2": ["--config_file", str(ROOT / "recipes/accelerate/zero3.yaml"), "--num_processes", "2"],
+    "zero3x1": ["--config_file", str(ROOT / "recipes/accelerate/zero3.yaml"), "--num_processes", "1"],
+    "fsdp2x1": ["--config_file", str(ROOT / "recipes/accelerate/fsdp2.yaml"), "--num_processes", "1"],
 }
 # the layers' gathered weights kept from each forward to its backward (and the reference's for good):
 # fewer all-gathers for full weights' memory, sharded gradients and optimizer state (ZeRO-2-like)
@@ -84,11 +91,15 @@ def worker(args) -> None:
     recipe.rollout.max_tokens = args.seq_len
     recipe.train.micro_batch_tokens = args.micro_tokens
     recipe.optim.lr = args.lr
-    partitioned = zero3.requested(recipe, acc.num_processes)  # as the session decides
-    sharded = partitioned or fsdp.requested(recipe, acc.num_processes)
+    # as the session decides; zero3x1 / fsdp2x1 force the sharding the session skips at one process
+    partitioned = zero3.requested(recipe, acc.num_processes) or args.config == "zero3x1"
+    sharded = partitioned or fsdp.requested(recipe, acc.num_processes) or args.config == "fsdp2x1"
+    if sharded:  # from the host, as the session loads a sharded run's policy (the same weights)
+        policy = policy.cpu()
     if sharded and not partitioned:  # before the optimizer, as the session does
         fsdp.shard(policy, device_type=acc.device.type)
-    optimizer, scheduler = build_optimizer(policy.parameters(), recipe.optim, 1000)
+    optimizer, scheduler = build_optimizer(policy.parameters(), recipe.optim, 1000,
+                                           device=acc.device if partitioned else None)
     wrapped = policy if sharded or acc.num_processes == 1 else acc.prepare(policy)
     if partitioned:
         wrapped = zero3.partition(policy, optimizer, recipe.optim.max_grad_norm)

@@ -6,10 +6,12 @@ import math
 import torch
 
 
-def build_optimizer(params, optim, max_steps: int):
+def build_optimizer(params, optim, max_steps: int, device: torch.device | None = None):
+    """AdamW over the trainable `params` and its schedule. `device`: where the tensors it will step live when
+    that is not where `params` are now (ZeRO-3 moves host-loaded weights onto the GPU after this)."""
     params = [p for p in params if p.requires_grad]
     # the fused CUDA kernel: one launch for all parameters instead of a foreach chain (what TRL picks too)
-    fused = bool(params) and all(p.is_cuda for p in params)
+    fused = torch.device(device).type == "cuda" if device is not None else bool(params) and all(p.is_cuda for p in params)
     optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay,
                                   fused=fused or None)
 

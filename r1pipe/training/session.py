@@ -78,11 +78,13 @@ def open_session(recipe, resume: bool, max_steps: int | None, total_steps: int |
     partitioned = zero3.requested(recipe, accelerator.num_processes)  # DeepSpeed ZeRO-3
     fsdp_sharded = not partitioned and fsdp.requested(recipe, accelerator.num_processes)
     sharded = partitioned or fsdp_sharded
-    # FSDP2 loads on the host and moves each decoder layer to the GPU as it shards it: no GPU holds the whole model
-    policy, tokenizer = load_policy_for(recipe.model, recipe.train.seed, device="cpu" if fsdp_sharded else accelerator.device)
+    # sharded runs load on the host: FSDP2 moves each decoder layer to the GPU as it shards it, ZeRO-3 each
+    # parameter as it partitions it; no GPU holds the whole model
+    policy, tokenizer = load_policy_for(recipe.model, recipe.train.seed, device="cpu" if sharded else accelerator.device)
     if fsdp_sharded:  # before the optimizer: it steps the sharded parameters
         fsdp.shard(policy, device_type=accelerator.device.type)
-    optimizer, scheduler = build_optimizer(policy.parameters(), recipe.optim, total)
+    optimizer, scheduler = build_optimizer(policy.parameters(), recipe.optim, total,
+                                           device=accelerator.device if partitioned else None)
     if partitioned:  # the engine partitions the weights and steps AdamW on float32 partitions of them
         engine = zero3.partition(policy, optimizer, recipe.optim.max_grad_norm)
         optimizer = zero3.EngineStep(engine, optimizer)

@@ -71,11 +71,31 @@ def engine_config(max_grad_norm: float, dtype: torch.dtype = torch.float32) -> d
     }
 
 
+def _partition_parameters(model: nn.Module, config: dict) -> None:
+    """Cut the model's parameters into this rank's partitions one parameter at a time, wherever the model lies
+    (the host, as the session loads it): each is copied to the GPU, broadcast from rank 0 and cut, so no GPU ever
+    holds more than one whole parameter. `deepspeed.initialize` alone would first move the whole module to the
+    GPU. The buffers (rope tables, balancing bias, expert loads) move whole: the engine leaves a model
+    partitioned this way where it is."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    device = torch.device(get_accelerator().current_device_name())
+    for module in model.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                module._buffers[name] = buffer.to(device)
+    # mem_efficient_linear off: it would swap torch.nn.functional.linear process-wide for DeepSpeed's
+    deepspeed.zero.Init(module=model, config_dict_or_path=config, mem_efficient_linear=False)
+
+
 def partition(policy: nn.Module, optimizer, max_grad_norm: float):
-    """The policy inside a ZeRO-3 engine stepping `optimizer` (a torch AdamW over its parameters)."""
+    """The policy inside a ZeRO-3 engine stepping `optimizer` (a torch AdamW over its parameters, which keeps
+    its Parameter objects through the partitioning)."""
     import deepspeed
 
     config = engine_config(max_grad_norm, next(policy.parameters()).dtype)
+    _partition_parameters(policy, config)
     engine, *_ = deepspeed.initialize(model=policy, optimizer=optimizer, config=config)
     return engine
 
@@ -87,6 +107,7 @@ def partition_frozen(model: nn.Module):
 
     config = engine_config(0.0, next(model.parameters()).dtype)
     del config["zero_allow_untested_optimizer"]
+    _partition_parameters(model, config)
     engine, *_ = deepspeed.initialize(model=model, config=config)
     return engine
 
