@@ -103,7 +103,7 @@ def build_policy(args):
         config = DeepSeekConfig.from_dict({**V2_LITE, "num_hidden_layers": args.layers})
     with torch.device(DEVICE):
         policy = DeepSeekPolicy(config).init_weights(seed=args.seed, std=0.02)
-    return policy.to(torch.bfloat16), config
+    return policy.cast_parameters(torch.bfloat16), config
 
 
 # ---- r1pipe: the GRPO stage's own update ------------------------------------------------------------------

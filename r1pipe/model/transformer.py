@@ -197,7 +197,15 @@ class DeepSeekPolicy(nn.Module):
 
     @classmethod
     def from_config(cls, config: DeepSeekConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> "DeepSeekPolicy":
-        return cls(config).init_weights(seed).to(dtype)
+        return cls(config).init_weights(seed).cast_parameters(dtype)
+
+    def cast_parameters(self, dtype: torch.dtype) -> "DeepSeekPolicy":
+        """The parameters in `dtype`; the buffers stay float32, as a loaded checkpoint keeps them (rope
+        frequencies; the balancing bias, whose ±γ steps of 1e-3 vanish in bf16; expert loads). `.to(dtype)`
+        would cast those too."""
+        for p in self.parameters():
+            p.data = p.data.to(dtype)
+        return self
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):

@@ -7,8 +7,9 @@ launcher exports ACCELERATE_USE_FSDP=true, FSDP_VERSION=2) or the recipe does (`
 Units: each decoder layer, then the root (embeddings, final norm and lm_head, which the policy's forward
 reads directly). Every forward and backward of a sharded model is a collective, so ranks must run the same
 number of them: the stages pad with placeholder micro-batches (`placeholder_count`) whose loss is zero.
-What leaves a rank whole: `full_state_items` (the rollout engine's weights, every rank), `unsharded_copy`
-(checkpoints, rank 0; the KL reference's and the torch engine's starting copy), `gathered_optimizer`
+Set-up: `shard_from_rank0` (rank 0 alone reads the checkpoint; each rank receives its shards), `sharded_copy`
+(the KL reference, from each rank's policy shards). What leaves a rank whole: `full_state_items` (the rollout
+engine's weights, every rank), `unsharded_copy` (checkpoints, rank 0; the torch engine's starting copy), `gathered_optimizer`
 (checkpoints keep the full optimizer state in the plain layout, so a run resumes at any world size).
 Buffers (the MoE balancing bias) are not sharded: every rank updates its copy from all-reduced loads.
 
@@ -83,6 +84,65 @@ def shard(model: nn.Module, mesh=None, device_type: str | None = None) -> nn.Mod
         layer.set_modules_to_forward_prefetch(layers[i + 1:i + 2])
         layer.set_modules_to_backward_prefetch(layers[i - 1:i])
     return model
+
+
+def _meta_twin(config, dtypes: dict[str, torch.dtype], gradient_checkpointing: bool, frozen: bool) -> nn.Module:
+    """The policy's structure on the meta device (no memory), each tensor in `dtypes`' dtype (bf16 weights,
+    the float32 balancing bias); `frozen`: no gradients, eval mode, before sharding (the KL reference)."""
+    from r1pipe.model import DeepSeekPolicy
+
+    with torch.device("meta"):
+        model = DeepSeekPolicy(config)
+    for key, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if key in dtypes:
+            tensor.data = tensor.data.to(dtypes[key])
+    model.gradient_checkpointing = gradient_checkpointing
+    return model.requires_grad_(False).eval() if frozen else model
+
+
+def _allocate_sharded(model: nn.Module, device: torch.device, mesh=None) -> nn.Module:
+    """Shard a meta model, then give each rank uninitialised storage for its own shards (and the buffers)."""
+    shard(model, mesh=mesh, device_type=device.type)
+    return model.to_empty(device=device)
+
+
+def _nonpersistent_buffers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The buffers a state_dict leaves out (rope frequencies, expert loads)."""
+    persistent = set(model.state_dict())
+    return [(name, b) for name, b in model.named_buffers() if name not in persistent]
+
+
+def shard_from_rank0(full: nn.Module | None, device: torch.device, frozen: bool = False) -> nn.Module:
+    """The FSDP2-sharded model whose weights `full` holds on rank 0's host (None on the other ranks, which read
+    no checkpoint and never hold the whole model): every rank builds its meta twin, shards it, allocates its own
+    shards on `device` and receives them from rank 0, which broadcasts one tensor at a time."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    spec = [None, None, None]
+    if full is not None:
+        dtypes = {k: t.dtype for k, t in [*full.state_dict().items(), *full.named_buffers()]}
+        spec = [full.config, dtypes, full.gradient_checkpointing]
+    torch.distributed.broadcast_object_list(spec, src=0)
+    model = _allocate_sharded(_meta_twin(*spec, frozen), device)
+    set_model_state_dict(model, full.state_dict() if full is not None else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for name, buffer in _nonpersistent_buffers(model):
+        if full is not None:
+            buffer.copy_(full.get_buffer(name))
+        torch.distributed.broadcast(buffer, src=0)
+    return model
+
+
+def sharded_copy(model: nn.Module, frozen: bool = True) -> nn.Module:
+    """A second model sharded like the FSDP2 `model` over its mesh, with its current weights and buffers
+    (the KL reference): each rank copies its own shards, no communication and no full copy anywhere."""
+    dtypes = {k: t.dtype for k, t in [*model.state_dict().items(), *model.named_buffers()]}
+    twin = _allocate_sharded(_meta_twin(model.config, dtypes, model.gradient_checkpointing, frozen),
+                             next(model.parameters()).device, mesh=mesh_of(model))
+    copy_weights(twin, model)
+    for name, buffer in _nonpersistent_buffers(twin):
+        buffer.copy_(model.get_buffer(name))
+    return twin
 
 
 def mesh_of(model: nn.Module):

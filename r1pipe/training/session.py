@@ -11,7 +11,7 @@ import torch
 from r1pipe.training import fsdp, zero3
 from r1pipe.training.metrics import MetricsLogger
 from r1pipe.training.optim import build_optimizer
-from r1pipe.training.setup import load_policy_for
+from r1pipe.training.setup import load_policy_for, tokenizer_for
 from r1pipe.training.state import latest_checkpoint, load_trainer_state, save_train_state
 
 
@@ -78,11 +78,15 @@ def open_session(recipe, resume: bool, max_steps: int | None, total_steps: int |
     partitioned = zero3.requested(recipe, accelerator.num_processes)  # DeepSpeed ZeRO-3
     fsdp_sharded = not partitioned and fsdp.requested(recipe, accelerator.num_processes)
     sharded = partitioned or fsdp_sharded
-    # sharded runs load on the host: FSDP2 moves each decoder layer to the GPU as it shards it, ZeRO-3 each
-    # parameter as it partitions it; no GPU holds the whole model
-    policy, tokenizer = load_policy_for(recipe.model, recipe.train.seed, device="cpu" if sharded else accelerator.device)
-    if fsdp_sharded:  # before the optimizer: it steps the sharded parameters
-        fsdp.shard(policy, device_type=accelerator.device.type)
+    if fsdp_sharded:  # rank 0 alone reads the weights (into host memory); every rank receives its own shards
+        # from it, before the optimizer is built: it steps the sharded parameters
+        full, tokenizer = (load_policy_for(recipe.model, recipe.train.seed, device="cpu") if accelerator.is_main_process
+                           else (None, tokenizer_for(recipe.model)))
+        policy = fsdp.shard_from_rank0(full, accelerator.device)
+        del full
+    else:  # ZeRO-3 loads on the host and moves each parameter to the GPU as it partitions it
+        policy, tokenizer = load_policy_for(recipe.model, recipe.train.seed,
+                                            device="cpu" if partitioned else accelerator.device)
     optimizer, scheduler = build_optimizer(policy.parameters(), recipe.optim, total,
                                            device=accelerator.device if partitioned else None)
     if partitioned:  # the engine partitions the weights and steps AdamW on float32 partitions of them

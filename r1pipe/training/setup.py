@@ -23,21 +23,25 @@ def load_tokenizer(model_path: str | None):
     return load_tiny_tokenizer()
 
 
+def tokenizer_for(model_section):
+    """The tokenizer of a recipe's model section: the checkpoint's own, or the tiny one."""
+    return load_tokenizer(None if model_section.init else model_section.path)
+
+
 def load_policy_for(model_section, seed: int, device="cpu") -> tuple[DeepSeekPolicy, object]:
     """(policy, tokenizer) for a recipe's model section."""
     dtype = DTYPES[model_section.dtype]
+    tokenizer = tokenizer_for(model_section)
     if model_section.init:
         family = {"tiny": "deepseek_v3", "tiny_v2": "deepseek_v2"}.get(model_section.init)
         if family is None:
             raise ValueError(f"model.init={model_section.init!r}: expected 'tiny' or 'tiny_v2' (or set model.path)")
-        tokenizer = load_tokenizer(None)
         config = tiny_config(family, vocab_size=len(tokenizer), **model_section.tiny_overrides)
         policy = DeepSeekPolicy.from_config(config, seed=seed, dtype=dtype).to(device)
     else:
         if not model_section.path:
             raise ValueError("model: set either `path` (a checkpoint dir) or `init: tiny`")
         policy = DeepSeekPolicy.from_pretrained(model_section.path, dtype=dtype, device=device)
-        tokenizer = load_tokenizer(model_section.path)
     policy.gradient_checkpointing = model_section.gradient_checkpointing
     if model_section.lora_rank > 0:  # only adapters train; files and rollouts get merged weights
         from r1pipe.training.lora import lora_policy_for
@@ -56,22 +60,24 @@ def frozen_copy(policy: DeepSeekPolicy) -> DeepSeekPolicy:
 def frozen_reference(policy, saved: Path | None = None, device="cpu"):
     """The frozen KL reference: the one saved with a resumed checkpoint (`saved`), else a copy of the policy;
     sharded over the policy's ranks when the policy is (FSDP2 or ZeRO-3: no optimizer, forwards are collectives)."""
-    from r1pipe.training import fsdp
-
-    sharded = fsdp.is_sharded(policy)
-    # sharded: the full copy is built on the host, and `fsdp.shard` moves it to the GPU layer by layer
-    if saved is not None:
-        reference = DeepSeekPolicy.from_pretrained(saved, device="cpu" if sharded else device)
-    else:
-        reference = fsdp.unsharded_copy(policy, "cpu") if sharded else frozen_copy(policy)
-    reference.requires_grad_(False).eval()
-    if not sharded:
-        return reference
-    from r1pipe.training import zero3
+    from r1pipe.training import fsdp, zero3
 
     if zero3.is_partitioned(policy):  # its own ZeRO-3 engine, without an optimizer: forwards gather like the policy's
-        return zero3.partition_frozen(reference)
-    return fsdp.shard(reference, mesh=fsdp.mesh_of(policy))
+        # (from a full copy on each rank's host, partitioned onto the GPU a parameter at a time)
+        reference = (DeepSeekPolicy.from_pretrained(saved, device="cpu") if saved is not None
+                     else fsdp.unsharded_copy(policy, "cpu"))
+        return zero3.partition_frozen(reference.requires_grad_(False).eval())
+    if fsdp.is_sharded(policy):  # sharded over the policy's mesh; no rank holds it whole
+        if saved is not None:  # read by rank 0 alone, which sends each rank its shards
+            main = torch.distributed.get_rank() == 0
+            return fsdp.shard_from_rank0(DeepSeekPolicy.from_pretrained(saved) if main else None,
+                                         next(policy.parameters()).device, frozen=True)
+        return fsdp.sharded_copy(policy)  # each rank copies the policy's shards it holds
+    if saved is not None:
+        reference = DeepSeekPolicy.from_pretrained(saved, device=device)
+    else:
+        reference = frozen_copy(policy)
+    return reference.requires_grad_(False).eval()
 
 
 def policy_from_state(config, state: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]) -> DeepSeekPolicy:

@@ -146,3 +146,19 @@ def test_expert_load_counts_each_unmasked_choice_once():
         moe(x, token_mask=mask)
         assert torch.equal(moe.last_expert_load, torch.bincount(ids[mask].reshape(-1), minlength=8).float())
     assert 0 < mask.sum() < 37 and moe.last_expert_load.sum() == 2 * mask.sum()
+
+
+def test_bf16_policy_keeps_float32_buffers_through_a_checkpoint(tmp_path):
+    # a fresh bf16 policy holds its buffers as a loaded checkpoint does (float32 rope frequencies, balancing
+    # bias and loads): a resumed run continues the same model; a blanket .to(bf16) would round them
+    policy = DeepSeekPolicy.from_config(tiny_config("deepseek_v3", vocab_size=64), seed=1, dtype=torch.bfloat16)
+    policy.moe_layers()[0].gate.e_score_correction_bias.add_(1e-3 * torch.arange(policy.config.n_routed_experts))
+    assert {p.dtype for p in policy.parameters()} == {torch.bfloat16}
+    assert {b.dtype for b in policy.buffers()} == {torch.float32}
+    loaded = DeepSeekPolicy.from_pretrained(policy.save_pretrained(tmp_path / "ckpt"))
+    for name, b in policy.named_buffers():
+        assert torch.equal(loaded.get_buffer(name), b), name
+    for name, p in policy.named_parameters():
+        assert torch.equal(loaded.get_parameter(name), p), name
+    ids = torch.randint(0, 64, (1, 12))
+    assert torch.equal(loaded(ids).logits, policy(ids).logits)
