@@ -18,8 +18,7 @@ runs the stage's own `update_policy`, then the MoE bias update from loads summed
 - `zero3x1`, `fsdp2x1`: those configs in one process, with the engine / sharding forced on (a one-process launch
   of the GRPO stage trains unwrapped): each path's set-up, reference and step on one GPU, against `1gpu`.
 
-Sharded configs start from the policy on the host, as the session loads it (FSDP2: rank 0's copy sends each rank
-its shards; ZeRO-3: each rank's copy is partitioned onto the GPU a parameter at a time).
+Sharded configs start from rank 0's policy on the host, as the session loads it: it sends each rank its shards.
 
 Equality: the step's loss and gradient norm (reduced over ranks like the stage's logged metrics) of the first
 two steps, and every completion token's log-prob after one update (`--lr`, default 1e-4: large enough that
@@ -94,10 +93,10 @@ def worker(args) -> None:
     # as the session decides; zero3x1 / fsdp2x1 force the sharding the session skips at one process
     partitioned = zero3.requested(recipe, acc.num_processes) or args.config == "zero3x1"
     sharded = partitioned or fsdp.requested(recipe, acc.num_processes) or args.config == "fsdp2x1"
-    if partitioned:  # from the host, as the session loads a ZeRO-3 run's policy (the same weights)
-        policy = policy.cpu()
-    elif sharded:  # rank 0's host copy sends each rank its shards, before the optimizer, as the session does
-        policy = fsdp.shard_from_rank0(policy.cpu() if acc.is_main_process else None, acc.device)
+    if sharded:  # rank 0's host copy sends each rank its shards, before the optimizer, as the session does
+        full = policy.cpu() if acc.is_main_process else None
+        policy = zero3.partition_from_rank0(full) if partitioned else fsdp.shard_from_rank0(full, acc.device)
+        del full
     optimizer, scheduler = build_optimizer(policy.parameters(), recipe.optim, 1000,
                                            device=acc.device if partitioned else None)
     wrapped = policy if sharded or acc.num_processes == 1 else acc.prepare(policy)

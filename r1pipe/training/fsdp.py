@@ -9,8 +9,9 @@ reads directly). Every forward and backward of a sharded model is a collective, 
 number of them: the stages pad with placeholder micro-batches (`placeholder_count`) whose loss is zero.
 Set-up: `shard_from_rank0` (rank 0 alone reads the checkpoint; each rank receives its shards), `sharded_copy`
 (the KL reference, from each rank's policy shards). What leaves a rank whole: `full_state_items` (the rollout
-engine's weights, every rank), `unsharded_copy` (checkpoints, rank 0; the torch engine's starting copy), `gathered_optimizer`
-(checkpoints keep the full optimizer state in the plain layout, so a run resumes at any world size).
+engine's weights, every rank), `unsharded_copy` (checkpoints, rank 0; the torch engine's starting copy),
+`gathered_optimizer` (checkpoints keep the full optimizer state in the plain layout, so a run resumes at any
+world size).
 Buffers (the MoE balancing bias) are not sharded: every rank updates its copy from all-reduced loads.
 
 The stages call these same functions under DeepSpeed ZeRO-3 (`r1pipe.training.zero3`): `is_sharded`,

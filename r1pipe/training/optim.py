@@ -11,7 +11,8 @@ def build_optimizer(params, optim, max_steps: int, device: torch.device | None =
     that is not where `params` are now (ZeRO-3 moves host-loaded weights onto the GPU after this)."""
     params = [p for p in params if p.requires_grad]
     # the fused CUDA kernel: one launch for all parameters instead of a foreach chain (what TRL picks too)
-    fused = torch.device(device).type == "cuda" if device is not None else bool(params) and all(p.is_cuda for p in params)
+    on_cuda = torch.device(device).type == "cuda" if device is not None else all(p.is_cuda for p in params)
+    fused = bool(params) and on_cuda
     optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay,
                                   fused=fused or None)
 

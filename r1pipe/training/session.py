@@ -78,15 +78,14 @@ def open_session(recipe, resume: bool, max_steps: int | None, total_steps: int |
     partitioned = zero3.requested(recipe, accelerator.num_processes)  # DeepSpeed ZeRO-3
     fsdp_sharded = not partitioned and fsdp.requested(recipe, accelerator.num_processes)
     sharded = partitioned or fsdp_sharded
-    if fsdp_sharded:  # rank 0 alone reads the weights (into host memory); every rank receives its own shards
-        # from it, before the optimizer is built: it steps the sharded parameters
+    if sharded:  # rank 0 alone reads the weights (into host memory); every rank receives its own shards from it,
+        # before the optimizer is built: it steps the sharded parameters
         full, tokenizer = (load_policy_for(recipe.model, recipe.train.seed, device="cpu") if accelerator.is_main_process
                            else (None, tokenizer_for(recipe.model)))
-        policy = fsdp.shard_from_rank0(full, accelerator.device)
+        policy = zero3.partition_from_rank0(full) if partitioned else fsdp.shard_from_rank0(full, accelerator.device)
         del full
-    else:  # ZeRO-3 loads on the host and moves each parameter to the GPU as it partitions it
-        policy, tokenizer = load_policy_for(recipe.model, recipe.train.seed,
-                                            device="cpu" if partitioned else accelerator.device)
+    else:
+        policy, tokenizer = load_policy_for(recipe.model, recipe.train.seed, device=accelerator.device)
     optimizer, scheduler = build_optimizer(policy.parameters(), recipe.optim, total,
                                            device=accelerator.device if partitioned else None)
     if partitioned:  # the engine partitions the weights and steps AdamW on float32 partitions of them

@@ -62,17 +62,15 @@ def frozen_reference(policy, saved: Path | None = None, device="cpu"):
     sharded over the policy's ranks when the policy is (FSDP2 or ZeRO-3: no optimizer, forwards are collectives)."""
     from r1pipe.training import fsdp, zero3
 
-    if zero3.is_partitioned(policy):  # its own ZeRO-3 engine, without an optimizer: forwards gather like the policy's
-        # (from a full copy on each rank's host, partitioned onto the GPU a parameter at a time)
-        reference = (DeepSeekPolicy.from_pretrained(saved, device="cpu") if saved is not None
-                     else fsdp.unsharded_copy(policy, "cpu"))
-        return zero3.partition_frozen(reference.requires_grad_(False).eval())
-    if fsdp.is_sharded(policy):  # sharded over the policy's mesh; no rank holds it whole
-        if saved is not None:  # read by rank 0 alone, which sends each rank its shards
-            main = torch.distributed.get_rank() == 0
-            return fsdp.shard_from_rank0(DeepSeekPolicy.from_pretrained(saved) if main else None,
-                                         next(policy.parameters()).device, frozen=True)
-        return fsdp.sharded_copy(policy)  # each rank copies the policy's shards it holds
+    if fsdp.is_sharded(policy):  # sharded over the policy's ranks (ZeRO-3: its own engine); no rank holds it whole
+        partitioned = zero3.is_partitioned(policy)
+        if saved is None:  # each rank copies the policy's shards it holds
+            return zero3.partitioned_copy(policy) if partitioned else fsdp.sharded_copy(policy)
+        # read by rank 0 alone, which sends each rank its shards
+        full = DeepSeekPolicy.from_pretrained(saved) if torch.distributed.get_rank() == 0 else None
+        if partitioned:
+            return zero3.partition_frozen(zero3.partition_from_rank0(full, frozen=True))
+        return fsdp.shard_from_rank0(full, next(policy.parameters()).device, frozen=True)
     if saved is not None:
         reference = DeepSeekPolicy.from_pretrained(saved, device=device)
     else:

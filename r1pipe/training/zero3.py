@@ -9,8 +9,10 @@ and check for NaN/inf is computed first from the gradient partitions, so a non-f
 the engine applies it. ZeRO-3 keeps float32 master copies of the weights in its optimizer whatever the model
 dtype (DeepSpeed's design), unlike the single-process and FSDP2 paths, which step the model's own tensors.
 
+Set-up, as for FSDP2, never puts the whole model on a GPU or on a host other than rank 0's: `partition_from_rank0`
+(the policy, and a resumed run's saved reference), `partitioned_copy` (the reference, from the policy's partitions).
 What leaves a rank whole, as for FSDP2: `full_state_items` (rollout weights, every rank), `unsharded_copy`
-(checkpoints and the KL reference's start), `gathered_optimizer` (the plain AdamW layout a one-process run
+(checkpoints; the torch engine's copy), `gathered_optimizer` (the plain AdamW layout a one-process run
 writes); `optimizer_loader` scatters such a state back into the partitions. The float32 master weights are not
 saved: a resumed bf16 run restarts them from the checkpoint's bf16 weights (an fp32 run resumes exactly).
 """
@@ -71,31 +73,68 @@ def engine_config(max_grad_norm: float, dtype: torch.dtype = torch.float32) -> d
     }
 
 
-def _partition_parameters(model: nn.Module, config: dict) -> None:
-    """Cut the model's parameters into this rank's partitions one parameter at a time, wherever the model lies
-    (the host, as the session loads it): each is copied to the GPU, broadcast from rank 0 and cut, so no GPU ever
-    holds more than one whole parameter. `deepspeed.initialize` alone would first move the whole module to the
-    GPU. The buffers (rope tables, balancing bias, expert loads) move whole: the engine leaves a model
-    partitioned this way where it is."""
+def _built_partitioned(config, dtypes: dict[str, torch.dtype], gradient_checkpointing: bool, frozen: bool):
+    """The policy constructed inside `zero.Init`: each submodule's parameters are cut into this rank's
+    partitions as soon as it is built, so no rank holds the whole model. Weights to be filled; the buffers get
+    back their dtypes of `dtypes` (zero.Init makes every floating tensor of the constructor bf16) and values to
+    be filled. `frozen`: no gradients, eval mode (the KL reference)."""
     import deepspeed
-    from deepspeed.accelerator import get_accelerator
 
-    device = torch.device(get_accelerator().current_device_name())
-    for module in model.modules():
-        for name, buffer in module._buffers.items():
-            if buffer is not None:
-                module._buffers[name] = buffer.to(device)
-    # mem_efficient_linear off: it would swap torch.nn.functional.linear process-wide for DeepSpeed's
-    deepspeed.zero.Init(module=model, config_dict_or_path=config, mem_efficient_linear=False)
+    from r1pipe.model import DeepSeekPolicy
+
+    weights = next(dtype for key, dtype in dtypes.items() if key.endswith(".weight"))
+    # (the dtype comes from the config's bf16 setting: Init's own `dtype` argument is ignored off fp16-capable
+    # devices, deepspeed 0.19.8)
+    with deepspeed.zero.Init(config_dict_or_path=engine_config(0.0, weights), mem_efficient_linear=False):
+        model = DeepSeekPolicy(config)
+    for name, buffer in list(model.named_buffers()):
+        owner, _, leaf = name.rpartition(".")
+        model.get_submodule(owner)._buffers[leaf] = buffer.to(dtypes[name])
+    model.gradient_checkpointing = gradient_checkpointing
+    return model.requires_grad_(False).eval() if frozen else model
+
+
+def _dtypes(model: nn.Module) -> dict[str, torch.dtype]:
+    return {k: t.dtype for k, t in [*model.named_parameters(), *model.named_buffers()]}
+
+
+def partition_from_rank0(full: nn.Module | None, frozen: bool = False) -> nn.Module:
+    """The policy whose weights `full` holds on rank 0's host (None on the other ranks, which read no checkpoint
+    and never hold the whole model), partitioned over the ranks: built partitioned, then rank 0's weights one
+    parameter at a time (gathered, written by rank 0, partitioned again) and its buffers. Hand it to
+    `partition` / `partition_frozen` for its engine."""
+    import deepspeed
+
+    spec = [full.config, _dtypes(full), full.gradient_checkpointing] if full is not None else [None, None, None]
+    torch.distributed.broadcast_object_list(spec, src=0)
+    model = _built_partitioned(*spec, frozen)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                if full is not None:
+                    param.data.copy_(full.get_parameter(name))
+        for name, buffer in model.named_buffers():
+            if full is not None:
+                buffer.copy_(full.get_buffer(name))
+            torch.distributed.broadcast(buffer, src=0)
+    return model
+
+
+def partitioned_copy(policy):
+    """The frozen KL reference: a second engine partitioned like the policy (its engine or module), with its
+    current weights: built partitioned, then each rank copies its own partitions; no full copy anywhere."""
+    module = module_of(policy)
+    engine = partition_frozen(_built_partitioned(module.config, _dtypes(module), module.gradient_checkpointing, True))
+    copy_weights(engine, module)
+    return engine
 
 
 def partition(policy: nn.Module, optimizer, max_grad_norm: float):
-    """The policy inside a ZeRO-3 engine stepping `optimizer` (a torch AdamW over its parameters, which keeps
-    its Parameter objects through the partitioning)."""
+    """The policy (built partitioned by `partition_from_rank0`; a whole model is moved to the GPU and partitioned
+    by the engine) inside a ZeRO-3 engine stepping `optimizer` (a torch AdamW over its parameters)."""
     import deepspeed
 
     config = engine_config(max_grad_norm, next(policy.parameters()).dtype)
-    _partition_parameters(policy, config)
     engine, *_ = deepspeed.initialize(model=policy, optimizer=optimizer, config=config)
     return engine
 
@@ -107,7 +146,6 @@ def partition_frozen(model: nn.Module):
 
     config = engine_config(0.0, next(model.parameters()).dtype)
     del config["zero_allow_untested_optimizer"]
-    _partition_parameters(model, config)
     engine, *_ = deepspeed.initialize(model=model, config=config)
     return engine
 
@@ -171,8 +209,10 @@ def copy_weights(reference, policy) -> None:
         for (name, t), (other, s) in zip(target.named_parameters(), source.named_parameters(), strict=True):
             assert name == other and t.ds_tensor.shape == s.ds_tensor.shape, (name, other)
             t.ds_tensor.copy_(s.ds_tensor)
-            if getattr(t, "ds_persist", False):  # small ones stay gathered on every rank: their whole copy too
-                t.data.copy_(s.data)  # (the policy's is current: its engine gathers them after each step)
+            # small ones stay gathered on every rank once used: their whole copy too (the policy's is current:
+            # its engine gathers them after each step); a fresh reference gathers from the partitions
+            if getattr(t, "ds_persist", False) and t.data.shape == s.data.shape:
+                t.data.copy_(s.data)
         for (name, t), (other, s) in zip(target.named_buffers(), source.named_buffers(), strict=True):
             t.copy_(s)
 
