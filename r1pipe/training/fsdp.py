@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from r1pipe.training import zero3
+from r1pipe.training.rank0 import model_spec, tensor_dtypes
 
 
 def _launcher_asks(variable: str) -> bool:
@@ -119,12 +120,7 @@ def shard_from_rank0(full: nn.Module | None, device: torch.device, frozen: bool 
     shards on `device` and receives them from rank 0, which broadcasts one tensor at a time."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    spec = [None, None, None]
-    if full is not None:
-        dtypes = {k: t.dtype for k, t in [*full.state_dict().items(), *full.named_buffers()]}
-        spec = [full.config, dtypes, full.gradient_checkpointing]
-    torch.distributed.broadcast_object_list(spec, src=0)
-    model = _allocate_sharded(_meta_twin(*spec, frozen), device)
+    model = _allocate_sharded(_meta_twin(*model_spec(full), frozen), device)
     set_model_state_dict(model, full.state_dict() if full is not None else {},
                          options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     for name, buffer in _nonpersistent_buffers(model):
@@ -137,8 +133,7 @@ def shard_from_rank0(full: nn.Module | None, device: torch.device, frozen: bool 
 def sharded_copy(model: nn.Module, frozen: bool = True) -> nn.Module:
     """A second model sharded like the FSDP2 `model` over its mesh, with its current weights and buffers
     (the KL reference): each rank copies its own shards, no communication and no full copy anywhere."""
-    dtypes = {k: t.dtype for k, t in [*model.state_dict().items(), *model.named_buffers()]}
-    twin = _allocate_sharded(_meta_twin(model.config, dtypes, model.gradient_checkpointing, frozen),
+    twin = _allocate_sharded(_meta_twin(model.config, tensor_dtypes(model), model.gradient_checkpointing, frozen),
                              next(model.parameters()).device, mesh=mesh_of(model))
     copy_weights(twin, model)
     for name, buffer in _nonpersistent_buffers(twin):

@@ -24,6 +24,8 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
+from r1pipe.training.rank0 import model_spec, tensor_dtypes
+
 # accelerate's DeepSpeed settings r1pipe does not apply: refused rather than ignored
 _UNSUPPORTED = {
     "ACCELERATE_DEEPSPEED_CONFIG_FILE": "deepspeed_config_file (r1pipe builds DeepSpeed's config from the recipe)",
@@ -94,10 +96,6 @@ def _built_partitioned(config, dtypes: dict[str, torch.dtype], gradient_checkpoi
     return model.requires_grad_(False).eval() if frozen else model
 
 
-def _dtypes(model: nn.Module) -> dict[str, torch.dtype]:
-    return {k: t.dtype for k, t in [*model.named_parameters(), *model.named_buffers()]}
-
-
 def partition_from_rank0(full: nn.Module | None, frozen: bool = False) -> nn.Module:
     """The policy whose weights `full` holds on rank 0's host (None on the other ranks, which read no checkpoint
     and never hold the whole model), partitioned over the ranks: built partitioned, then rank 0's weights one
@@ -105,9 +103,7 @@ def partition_from_rank0(full: nn.Module | None, frozen: bool = False) -> nn.Mod
     `partition` / `partition_frozen` for its engine."""
     import deepspeed
 
-    spec = [full.config, _dtypes(full), full.gradient_checkpointing] if full is not None else [None, None, None]
-    torch.distributed.broadcast_object_list(spec, src=0)
-    model = _built_partitioned(*spec, frozen)
+    model = _built_partitioned(*model_spec(full), frozen)
     with torch.no_grad():
         for name, param in model.named_parameters():
             with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
@@ -124,7 +120,8 @@ def partitioned_copy(policy):
     """The frozen KL reference: a second engine partitioned like the policy (its engine or module), with its
     current weights: built partitioned, then each rank copies its own partitions; no full copy anywhere."""
     module = module_of(policy)
-    engine = partition_frozen(_built_partitioned(module.config, _dtypes(module), module.gradient_checkpointing, True))
+    engine = partition_frozen(_built_partitioned(module.config, tensor_dtypes(module), module.gradient_checkpointing,
+                                                 True))
     copy_weights(engine, module)
     return engine
 

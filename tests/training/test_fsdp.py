@@ -14,7 +14,9 @@ amplified by Adam: 1e-3); the logged loss per step; the final checkpoint and the
 reference, tensor by tensor, and its gathered optimizer state against the 1-process run's; and that
 `--resume` from the 2-process step-1 checkpoint (full tensors, re-sharded on load) ends bit for bit where
 the uninterrupted 2-process run did. A second, process-free test: when FSDP2 turns on, and that FSDP1 configs
-and LoRA policies are refused; a third: a 2-process launch with `grpo.reference_offload` is refused by name.
+and LoRA policies are refused; a third: a 2-process launch with `grpo.reference_offload` is refused by name;
+a fourth: a checkpoint with a missing shard, which only rank 0 reads (FSDP2 and ZeRO-3), ends the launch
+naming the file.
 """
 from __future__ import annotations
 
@@ -143,3 +145,26 @@ def test_when_fsdp2_is_on_and_what_it_refuses(tmp_path, monkeypatch):
     monkeypatch.setenv("FSDP_VERSION", "1")
     with pytest.raises(ValueError, match="FSDP2 only.*fsdp2.yaml"):
         requested(plain, 2)
+
+
+@pytest.mark.parametrize("launch_config", ["fsdp2.yaml", "zero3.yaml"])
+def test_checkpoint_read_by_rank0_alone_names_a_missing_shard(tmp_path, launch_config):
+    # sharded (FSDP2, ZeRO-3), only rank 0 reads the checkpoint and the others wait for its broadcast: its error
+    # must end the whole launch (no rank left waiting) and name the missing file
+    from r1pipe.model import DeepSeekPolicy
+    from r1pipe.model.tiny import tiny_config
+    from r1pipe.training.setup import load_tokenizer
+
+    tokenizer = load_tokenizer(None)
+    policy = DeepSeekPolicy.from_config(tiny_config("deepseek_v3", vocab_size=len(tokenizer)), seed=0)
+    policy.save_pretrained(tmp_path / "ckpt", tokenizer=tokenizer, max_shard_bytes=300_000)
+    shards = sorted((tmp_path / "ckpt").glob("model-*.safetensors"))
+    shards[1].unlink()
+    recipe = grpo_recipe(tmp_path, "missing", model={"init": None, "path": str(tmp_path / "ckpt")})
+    if launch_config == "zero3.yaml":
+        pytest.importorskip("deepspeed")
+    with accelerate_launch("--config_file", str(CONFIG.parent / launch_config), "-m", "r1pipe.train", str(recipe),
+                           timeout=200, must_succeed=False) as launched:
+        pass
+    assert launched.returncode != 0
+    assert shards[1].name in launched.output, launched.output[-3000:]
