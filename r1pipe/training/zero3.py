@@ -78,8 +78,8 @@ def engine_config(max_grad_norm: float, dtype: torch.dtype = torch.float32) -> d
 def _built_partitioned(config, dtypes: dict[str, torch.dtype], gradient_checkpointing: bool, frozen: bool):
     """The policy constructed inside `zero.Init`: each submodule's parameters are cut into this rank's
     partitions as soon as it is built, so no rank holds the whole model. Weights to be filled; the buffers get
-    back their dtypes of `dtypes` (zero.Init makes every floating tensor of the constructor bf16) and values to
-    be filled. `frozen`: no gradients, eval mode (the KL reference)."""
+    back their dtypes of `dtypes` (zero.Init gives every floating tensor of the constructor the weights' dtype)
+    and values to be filled. `frozen`: no gradients, eval mode (the KL reference)."""
     import deepspeed
 
     from r1pipe.model import DeepSeekPolicy
