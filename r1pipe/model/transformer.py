@@ -199,6 +199,11 @@ class DeepSeekPolicy(nn.Module):
     def from_config(cls, config: DeepSeekConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> "DeepSeekPolicy":
         return cls(config).init_weights(seed).cast_parameters(dtype)
 
+    def nonpersistent_buffers(self) -> list[tuple[str, torch.Tensor]]:
+        """(name, buffer) of the buffers a state_dict leaves out: rope frequencies, expert loads."""
+        persistent = set(self.state_dict())
+        return [(name, b) for name, b in self.named_buffers() if name not in persistent]
+
     def cast_parameters(self, dtype: torch.dtype) -> "DeepSeekPolicy":
         """The parameters in `dtype`; the buffers stay float32, as a loaded checkpoint keeps them (rope
         frequencies; the balancing bias, whose ±γ steps of 1e-3 vanish in bf16; expert loads). `.to(dtype)`

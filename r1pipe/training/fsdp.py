@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from r1pipe.training import zero3
-from r1pipe.training.rank0 import model_spec, tensor_dtypes
+from r1pipe.training.rank0 import model_spec, send_buffers, tensor_dtypes
 
 
 def _launcher_asks(variable: str) -> bool:
@@ -108,12 +108,6 @@ def _allocate_sharded(model: nn.Module, device: torch.device, mesh=None) -> nn.M
     return model.to_empty(device=device)
 
 
-def _nonpersistent_buffers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """The buffers a state_dict leaves out (rope frequencies, expert loads)."""
-    persistent = set(model.state_dict())
-    return [(name, b) for name, b in model.named_buffers() if name not in persistent]
-
-
 def shard_from_rank0(full: nn.Module | None, device: torch.device, frozen: bool = False) -> nn.Module:
     """The FSDP2-sharded model whose weights `full` holds on rank 0's host (None on the other ranks, which read
     no checkpoint and never hold the whole model): every rank builds its meta twin, shards it, allocates its own
@@ -123,20 +117,17 @@ def shard_from_rank0(full: nn.Module | None, device: torch.device, frozen: bool 
     model = _allocate_sharded(_meta_twin(*model_spec(full), frozen), device)
     set_model_state_dict(model, full.state_dict() if full is not None else {},
                          options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    for name, buffer in _nonpersistent_buffers(model):
-        if full is not None:
-            buffer.copy_(full.get_buffer(name))
-        torch.distributed.broadcast(buffer, src=0)
+    send_buffers(model, full, [name for name, _ in model.nonpersistent_buffers()])  # (the state_dict had the rest)
     return model
 
 
-def sharded_copy(model: nn.Module, frozen: bool = True) -> nn.Module:
-    """A second model sharded like the FSDP2 `model` over its mesh, with its current weights and buffers
+def sharded_copy(model: nn.Module) -> nn.Module:
+    """A frozen second model sharded like the FSDP2 `model` over its mesh, with its current weights and buffers
     (the KL reference): each rank copies its own shards, no communication and no full copy anywhere."""
-    twin = _allocate_sharded(_meta_twin(model.config, tensor_dtypes(model), model.gradient_checkpointing, frozen),
+    twin = _allocate_sharded(_meta_twin(model.config, tensor_dtypes(model), model.gradient_checkpointing, True),
                              next(model.parameters()).device, mesh=mesh_of(model))
     copy_weights(twin, model)
-    for name, buffer in _nonpersistent_buffers(twin):
+    for name, buffer in twin.nonpersistent_buffers():
         buffer.copy_(model.get_buffer(name))
     return twin
 

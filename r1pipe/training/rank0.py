@@ -11,6 +11,15 @@ def tensor_dtypes(model: nn.Module) -> dict[str, torch.dtype]:
     return {name: t.dtype for name, t in [*model.named_parameters(), *model.named_buffers()]}
 
 
+def send_buffers(model: nn.Module, full: nn.Module | None, names) -> None:
+    """`model`'s buffers `names` take rank 0's values (from `full`, its loaded model; None on the other ranks)."""
+    for name in names:
+        buffer = model.get_buffer(name)
+        if full is not None:
+            buffer.copy_(full.get_buffer(name))
+        torch.distributed.broadcast(buffer, src=0)
+
+
 def model_spec(full: nn.Module | None) -> tuple:
     """(config, tensor dtypes, gradient checkpointing) of rank 0's `full` model, on every rank (None elsewhere)."""
     spec = [full.config, tensor_dtypes(full), full.gradient_checkpointing] if full is not None else [None] * 3

@@ -84,9 +84,7 @@ def policy_from_state(config, state: dict[str, torch.Tensor], buffers: dict[str,
     with torch.device("meta"):
         plain = DeepSeekPolicy(config)
     plain.load_state_dict(state, assign=True)
-    persistent = set(plain.state_dict())
-    for name, _ in list(plain.named_buffers()):
-        if name not in persistent:
-            owner, _, leaf = name.rpartition(".")
-            setattr(plain.get_submodule(owner) if owner else plain, leaf, buffers[name].clone())
+    for name, _ in plain.nonpersistent_buffers():
+        owner, _, leaf = name.rpartition(".")
+        setattr(plain.get_submodule(owner) if owner else plain, leaf, buffers[name].clone())
     return plain.requires_grad_(False).eval()

@@ -24,7 +24,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from r1pipe.training.rank0 import model_spec, tensor_dtypes
+from r1pipe.training.rank0 import model_spec, send_buffers, tensor_dtypes
 
 # accelerate's DeepSpeed settings r1pipe does not apply: refused rather than ignored
 _UNSUPPORTED = {
@@ -109,10 +109,7 @@ def partition_from_rank0(full: nn.Module | None, frozen: bool = False) -> nn.Mod
             with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
                 if full is not None:
                     param.data.copy_(full.get_parameter(name))
-        for name, buffer in model.named_buffers():
-            if full is not None:
-                buffer.copy_(full.get_buffer(name))
-            torch.distributed.broadcast(buffer, src=0)
+        send_buffers(model, full, [name for name, _ in model.named_buffers()])
     return model
 
 
